@@ -1,0 +1,10 @@
+"""rnnmath: recurrent neural networks written as readable tensor math, numerically identical to torch.nn."""
+
+from .cells import CELLS, Cell, GRUCell, HiddenState, LSTMCell, LSTMState, RNNCell
+from .layers import GRU, LSTM, RNN, Recurrent
+
+__all__ = [
+    "CELLS", "Cell", "GRU", "GRUCell", "HiddenState", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
+    "Recurrent",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,305 @@
+"""Layers that own time: the loop over steps, stacking, directions and variable lengths, for any cell.
+
+Shape letters: T time, B batch, I input, H hidden, G gate rows, D directions (1 or 2), L layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .cells import Cell, GRUCell, LSTMCell, RNNCell
+
+
+def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse each sequence of x (T, B, ...) within its own length; padding stays where it is.
+
+    The reverse direction reads each sequence from its true last token, and reversing twice is the identity.
+    """
+    if lengths is None:
+        return x.flip(0)
+    T = x.shape[0]
+    t = torch.arange(T, device=x.device).unsqueeze(1)  # (T, 1)
+    n = lengths.to(x.device).unsqueeze(0)  # (1, B)
+    index = torch.where(t < n, n - 1 - t, t)  # (T, B)
+    index = index.view(T, -1, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(0, index)
+
+
+def scan(cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None):
+    """The time loop: apply cell.step at every step of xw (T, B, G) from `state`.
+
+    Where mask[t] (B, 1) is False (past a sequence's length) the state is carried unchanged and the output
+    is zero. Returns the outputs h_t (T, B, H) and the last state.
+    """
+    outputs = []
+    for t in range(xw.shape[0]):
+        new = cell.step(p, xw[t], state)
+        if mask is not None:
+            new = type(new)(*(torch.where(mask[t], n, s) for n, s in zip(new, state)))
+        state = new
+        outputs.append(state.h)
+    if not outputs:
+        return xw.new_zeros(0, xw.shape[1], cell.hidden_size), state
+    output = torch.stack(outputs)  # (T, B, H)
+    if mask is not None:
+        output = output.masked_fill(~mask, 0.0)
+    return output, state
+
+
+class Recurrent(nn.Module):
+    r"""A stack of recurrent layers of any cell, with the constructor and call of ``torch.nn.RNN/LSTM/GRU``.
+
+    Layer ``k`` and direction ``d`` own the cell's parameters under torch.nn's names
+    ``{name}_l{k}`` and ``{name}_l{k}_reverse`` (``weight_ih_l0``, ...), so state dicts load both ways.
+
+    The computation is this loop (the code below adds lengths and packing, and projects the input of all
+    steps with one matrix product before the loop)::
+
+        layer_input = x                                      # (T, B, I)
+        for k in range(num_layers):
+            outputs = []
+            for d in directions:                             # forward, then reverse
+                xs = layer_input if d == 0 else layer_input.flip(0)
+                state = hx[k * D + d]
+                hs = []
+                for x_t in xs:
+                    state = cell.step(p[k, d], cell.project(p[k, d], x_t), state)
+                    hs.append(state.h)
+                hs = torch.stack(hs)
+                outputs.append(hs if d == 0 else hs.flip(0))
+                h_n[k * D + d] = state
+            layer_input = dropout(torch.cat(outputs, -1)) if k < num_layers - 1 else torch.cat(outputs, -1)
+        return layer_input, h_n
+
+    ``forward(input, hx=None, lengths=None)``:
+
+    * ``input``: (T, B, I) — or (B, T, I) with ``batch_first`` — or unbatched (T, I), or a ``PackedSequence``
+      (the output is then packed too). An integer tensor (T, B) / (B, T) / (T,) holds token ids: one-hot
+      vectors over a vocabulary of ``input_size`` words, whose projection is a row lookup of W_ih.
+    * ``hx``: the initial state, (L·D, B, H) per state field — a tensor, or a tuple (h_0, c_0) for an LSTM.
+    * ``lengths``: (B,) true lengths of padded input. Outputs past a sequence's length are zero; ``h_n`` holds
+      each sequence's state at its true last step, and the reverse direction starts at its true last token.
+      A length of 0 returns the initial state.
+
+    Returns ``(output, h_n)``, with ``h_n`` a tuple ``(h_n, c_n, ...)`` when the cell's state has several
+    fields; output is (T, B, D·H).
+    """
+
+    def __init__(
+        self,
+        cell: type[Cell],
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        **cell_kwargs,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        self.cell_class = cell
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.num_directions = 2 if bidirectional else 1
+
+        # One cell per layer carries the math; it lives on the meta device (no memory) and outside the
+        # module tree, because the layer, not the cell, owns the parameters under torch.nn's names.
+        cells = []
+        for k in range(num_layers):
+            layer_input = input_size if k == 0 else hidden_size * self.num_directions
+            cells.append(cell(layer_input, hidden_size, bias, device="meta", **cell_kwargs))
+        self._cells = tuple(cells)
+        self._names: list[list[dict[str, str]]] = []  # [layer][direction] -> {cell name: layer name}
+        for k, c in enumerate(cells):
+            per_direction = []
+            for suffix in ("", "_reverse")[: self.num_directions]:
+                names = {}
+                for name, shape in c.parameter_shapes().items():
+                    names[name] = f"{name}_l{k}{suffix}"
+                    if c.has_parameter(name):
+                        param = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+                        self.register_parameter(names[name], param)
+                per_direction.append(names)
+            self._names.append(per_direction)
+        self.reset_parameters()
+
+    @property
+    def cells(self) -> tuple[Cell, ...]:
+        """The cell of each layer (its math; the parameters live on this layer)."""
+        return self._cells
+
+    def reset_parameters(self) -> None:
+        for cell, per_direction in zip(self._cells, self._names):
+            for names in per_direction:
+                for name, layer_name in names.items():
+                    if cell.has_parameter(name):
+                        cell.init_parameter(name, getattr(self, layer_name))
+
+    def flatten_parameters(self) -> None:
+        """Accepted for drop-in compatibility with torch.nn (cuDNN's weight packing); nothing to do here."""
+
+    def layer_params(self, layer: int, direction: int) -> dict[str, Tensor | None]:
+        """The parameters of one layer and direction under the cell's names (p for cell.step)."""
+        return {name: getattr(self, layer_name, None) for name, layer_name in self._names[layer][direction].items()}
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        return [
+            [getattr(self, n) for n in names.values() if hasattr(self, n)]
+            for per_direction in self._names
+            for names in per_direction
+        ]
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def forward(self, input, hx=None, lengths: Tensor | None = None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("pass either a PackedSequence or lengths, not both")
+            x, lengths = pad_packed_sequence(input)  # (T, B, ...) in the caller's batch order
+        else:
+            x = input
+        ids = not x.is_floating_point()
+        batched = x.dim() == (2 if ids else 3)
+        if not batched:
+            if x.dim() != (1 if ids else 2):
+                raise ValueError(f"expected input of 2 or 3 dimensions (token ids: 1 or 2), got {tuple(x.shape)}")
+            x = x.unsqueeze(1)
+            hx = _map_state(hx, lambda s: s.unsqueeze(1))
+        elif self.batch_first and not packed:
+            x = x.transpose(0, 1)
+        if not ids and x.shape[-1] != self.input_size:
+            raise ValueError(f"input.size(-1) must be equal to input_size={self.input_size}, got {x.shape[-1]}")
+        T, B = x.shape[0], x.shape[1]
+        mask = None
+        if lengths is not None:
+            lengths = _check_lengths(lengths, B, T)
+            mask = (torch.arange(T, device=x.device).unsqueeze(1) < lengths.to(x.device)).unsqueeze(2)  # (T, B, 1)
+
+        output, h_n = self._run(x, self._initial_states(hx, B, x), lengths, mask)
+
+        if packed:
+            if input.sorted_indices is not None:
+                output, lengths = output.index_select(1, input.sorted_indices), lengths[input.sorted_indices]
+            data = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True).data
+            output = PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        elif not batched:
+            output, h_n = output.squeeze(1), _map_state(h_n, lambda s: s.squeeze(1))
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, h_n
+
+    def _run(self, x: Tensor, states: list, lengths: Tensor | None, mask: Tensor | None):
+        """All layers and directions over x (T, B, ·); returns output (T, B, D·H) and h_n."""
+        finals = []
+        layer_input = x
+        for k, cell in enumerate(self._cells):
+            outputs = []
+            for d in range(self.num_directions):
+                p = self.layer_params(k, d)
+                xw = cell.project(p, layer_input)  # (T, B, G): the input of every step in one product
+                if d == 1:
+                    xw = reverse_padded(xw, lengths)
+                output, state = scan(cell, p, xw, states[k * self.num_directions + d], mask)
+                outputs.append(output if d == 0 else reverse_padded(output, lengths))
+                finals.append(state)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (T, B, D·H)
+            if self.dropout and self.training and k < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        h_n = [torch.stack(field) for field in zip(*finals)]  # per state field: (L·D, B, H)
+        return layer_input, h_n[0] if len(h_n) == 1 else tuple(h_n)
+
+    def _initial_states(self, hx, batch_size: int, x: Tensor) -> list:
+        """hx (per field (L·D, B, H)) -> one cell State per layer and direction; zeros when hx is None."""
+        cell = self._cells[0]
+        n = self.num_layers * self.num_directions
+        like = next(self.parameters())
+        if hx is None:
+            zero = cell.initial_state(batch_size, like)
+            return [zero] * n
+        fields = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+        if len(fields) != len(cell.State._fields):
+            raise ValueError(
+                f"hx must hold {len(cell.State._fields)} tensor(s) {cell.State._fields}, got {len(fields)}"
+            )
+        expected = (n, batch_size, self.hidden_size)
+        for name, f in zip(cell.State._fields, fields):
+            if tuple(f.shape) != expected:
+                raise ValueError(f"expected hx field {name!r} of size {expected}, got {tuple(f.shape)}")
+        return [cell.State(*(f[j] for f in fields)) for j in range(n)]
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return s
+
+
+def _map_state(state, fn):
+    if state is None:
+        return None
+    return fn(state) if isinstance(state, Tensor) else tuple(fn(s) for s in state)
+
+
+def _check_lengths(lengths, batch_size: int, T: int) -> Tensor:
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1 or lengths.shape[0] != batch_size:
+        raise ValueError(f"lengths must have shape ({batch_size},), got {tuple(lengths.shape)}")
+    if lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be integers, got {lengths.dtype}")
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        raise ValueError(f"lengths must lie in [0, {T}] (the padded length), got {lengths.tolist()}")
+    return lengths.long()
+
+
+class RNN(Recurrent):
+    """Elman RNN layers, as ``torch.nn.RNN``; see :class:`Recurrent` and :class:`rnnmath.RNNCell`."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+        super().__init__(RNNCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, nonlinearity=nonlinearity)
+        self.nonlinearity = nonlinearity
+
+
+class LSTM(Recurrent):
+    """LSTM layers, as ``torch.nn.LSTM`` (without proj_size); see :class:`Recurrent` and :class:`rnnmath.LSTMCell`."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None):
+        super().__init__(LSTMCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype)
+
+
+class GRU(Recurrent):
+    """GRU layers, as ``torch.nn.GRU``; see :class:`Recurrent` and :class:`rnnmath.GRUCell`."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None):
+        super().__init__(GRUCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype)
