@@ -5,6 +5,9 @@ Shape letters: T time, B batch, I input, H hidden, G gate rows, D directions (1 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +44,8 @@ def scan(cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None):
             new = type(new)(*(torch.where(mask[t], n, s) for n, s in zip(new, state)))
         state = new
         outputs.append(state.h)
+        if cell._recorder is not None:
+            cell._recorder.end_step(state)
     if not outputs:
         return xw.new_zeros(0, xw.shape[1], cell.hidden_size), state
     output = torch.stack(outputs)  # (T, B, H)
@@ -126,6 +131,7 @@ class Recurrent(nn.Module):
             layer_input = input_size if k == 0 else hidden_size * self.num_directions
             cells.append(cell(layer_input, hidden_size, bias, device="meta", **cell_kwargs))
         self._cells = tuple(cells)
+        self._trace: Trace | None = None
         self._names: list[list[dict[str, str]]] = []  # [layer][direction] -> {cell name: layer name}
         for k, c in enumerate(cells):
             per_direction = []
@@ -194,6 +200,8 @@ class Recurrent(nn.Module):
             mask = (torch.arange(T, device=x.device).unsqueeze(1) < lengths.to(x.device)).unsqueeze(2)  # (T, B, 1)
 
         output, h_n = self._run(x, self._initial_states(hx, B, x), lengths, mask)
+        if self._trace is not None:
+            self._trace.finish(lengths, T, B, x.device)
 
         if packed:
             if input.sorted_indices is not None:
@@ -217,7 +225,12 @@ class Recurrent(nn.Module):
                 xw = cell.project(p, layer_input)  # (T, B, G): the input of every step in one product
                 if d == 1:
                     xw = reverse_padded(xw, lengths)
-                output, state = scan(cell, p, xw, states[k * self.num_directions + d], mask)
+                if self._trace is not None:
+                    cell._recorder = self._trace.recorder(k, d)
+                try:
+                    output, state = scan(cell, p, xw, states[k * self.num_directions + d], mask)
+                finally:
+                    cell._recorder = None
                 outputs.append(output if d == 0 else reverse_padded(output, lengths))
                 finals.append(state)
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (T, B, D·H)
@@ -258,6 +271,82 @@ class Recurrent(nn.Module):
         if self.bidirectional:
             s += ", bidirectional=True"
         return s
+
+
+class _StepRecorder:
+    """Collects what one layer and direction records at each step: the cell's gates, then its state."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Tensor]] = []
+        self._pending: dict[str, Tensor] = {}
+
+    def __call__(self, tensors: dict[str, Tensor]) -> None:
+        self._pending.update(tensors)
+
+    def end_step(self, state) -> None:
+        self.steps.append({**self._pending, **state._asdict()})
+        self._pending = {}
+
+
+class Trace:
+    """Every internal quantity of a run of a :class:`Recurrent` layer, made by :func:`trace`.
+
+    ``trace[k, d]`` is a dict for layer k and direction d (0 forward, 1 reverse): each state field (``h``,
+    ``c``) and each gate the cell records (LSTM ``i f g o``, GRU ``r z n``) as a (T, B, H) tensor on the
+    input's time axis — for the reverse direction too. Steps past a sequence's length are NaN and
+    ``valid`` (T, B) is False there: nothing is computed for them, so nothing is shown.
+    Tensors are detached copies of the values the layer computed; the layer's results are unchanged.
+    """
+
+    def __init__(self, layer: Recurrent) -> None:
+        self.layer = layer
+        self._recorders: dict[tuple[int, int], _StepRecorder] = {}
+        self.values: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self.valid: Tensor | None = None
+
+    def recorder(self, k: int, d: int) -> _StepRecorder:
+        self._recorders[k, d] = _StepRecorder()
+        return self._recorders[k, d]
+
+    def finish(self, lengths: Tensor | None, T: int, B: int, device) -> None:
+        valid = torch.ones(T, B, dtype=torch.bool, device=device)
+        if lengths is not None:
+            valid = torch.arange(T, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
+        self.valid = valid
+        for (k, d), rec in self._recorders.items():
+            names = rec.steps[0].keys() if rec.steps else ()
+            values = {}
+            for name in names:
+                v = torch.stack([s[name].detach() for s in rec.steps])  # (T, B, H), time as the loop ran
+                if d == 1:
+                    v = reverse_padded(v, lengths)
+                values[name] = v.masked_fill(~valid.unsqueeze(2), float("nan"))
+            self.values[k, d] = values
+        self._recorders = {}
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Tensor]:
+        return self.values[key]
+
+
+@contextmanager
+def trace(layer: Recurrent) -> Iterator[Trace]:
+    """Record states and gates of every layer, direction and step while running `layer` (the last call wins)::
+
+        with rnnmath.trace(model.rnn) as tr:
+            output, h_n = model.rnn(x, lengths=lengths)
+        tr[0, 0]["h"], tr[0, 0]["f"]          # (T, B, H) each
+
+    Tracing only keeps references to tensors the layer computes anyway: results are bit-identical with it on
+    or off, and off it costs one attribute test per step.
+    """
+    if not isinstance(layer, Recurrent):
+        raise TypeError(f"trace() takes an rnnmath layer (Recurrent), got {type(layer).__name__}")
+    t = Trace(layer)
+    layer._trace = t
+    try:
+        yield t
+    finally:
+        layer._trace = None
 
 
 def _map_state(state, fn):
