@@ -223,5 +223,243 @@ class GRUCell(Cell):
         return HiddenState(h)
 
 
-CELLS: dict[str, type[Cell]] = {"rnn": RNNCell, "lstm": LSTMCell, "gru": GRUCell}
+class LayerNormLSTMCell(Cell):
+    r"""LSTM with layer normalisation (Ba, Kiros & Hinton 2016, "Layer Normalization", §3.1 / appendix).
+
+    As in the paper, the input and the recurrent contributions are normalised *separately*, each over all of
+    its G = 4H gate rows at once, and the cell is normalised before its tanh::
+
+        a = LN(x W_ihᵀ; γ_ih) + LN(h W_hhᵀ; γ_hh) + b     gate pre-activations, rows i | f | g | o
+        i, f, o = σ(a_i), σ(a_f), σ(a_o);  g = tanh(a_g)
+        c' = f ⊙ c + i ⊙ g
+        h' = o ⊙ tanh(LN(c'; γ_c, β_c))
+
+    with LN(v; γ, β) = γ ⊙ (v − mean(v)) / √(var(v) + ε) + β over the last axis (ε = 1e-5, as nn.LayerNorm).
+    The paper's two shifts β_ih, β_hh and the bias b only ever appear summed, so they are one bias b here.
+    The carried state c stays unnormalised; only the copy that makes h' is normalised, as in the paper.
+    Parameters: ``weight_ih`` (G, I), ``weight_hh`` (G, H), gains ``gain_ih`` (G,), ``gain_hh`` (G,),
+    ``gain_c`` (H,) initialised to 1; b = ``bias_gates`` (G,) and ``bias_c`` (H,) initialised to 0 (absent when
+    ``bias=False``).
+    """
+
+    State = LSTMState
+    num_gates = 4
+    gate_names = ("i", "f", "g", "o")
+    eps = 1e-5
+
+    def parameter_shapes(self):
+        G, I, H = 4 * self.hidden_size, self.input_size, self.hidden_size
+        return {"weight_ih": (G, I), "weight_hh": (G, H), "gain_ih": (G,), "gain_hh": (G,), "bias_gates": (G,),
+                "gain_c": (H,), "bias_c": (H,)}
+
+    def init_parameter(self, name, tensor):
+        if name.startswith("gain"):
+            nn.init.ones_(tensor)
+        elif name.startswith("bias"):
+            nn.init.zeros_(tensor)
+        else:
+            super().init_parameter(name, tensor)
+
+    def project(self, p, x):
+        """LN(x W_ihᵀ; γ_ih) + b, for all time steps at once (token ids: a row lookup, then LN)."""
+        xw = super().project({"weight_ih": p["weight_ih"]}, x)  # (..., G)
+        return F.layer_norm(xw, xw.shape[-1:], p["gain_ih"], p["bias_gates"], self.eps)  # (..., G)
+
+    def step(self, p, x, state):
+        h, c = state
+        hw = F.linear(h, p["weight_hh"])  # (B, 4H)
+        a = x + F.layer_norm(hw, hw.shape[-1:], p["gain_hh"], None, self.eps)  # (B, 4H)
+        i, f, g, o = a.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c + i * g
+        h = o * torch.tanh(F.layer_norm(c, c.shape[-1:], p["gain_c"], p["bias_c"], self.eps))
+        self.record(i=i, f=f, g=g, o=o)
+        return LSTMState(h, c)
+
+
+class PeepholeLSTMCell(Cell):
+    r"""LSTM with peephole connections (Gers & Schmidhuber 2000, "Recurrent nets that time and count").
+
+    The gates look at the cell through diagonal weights w_ci, w_cf, w_co (vectors, ⊙): the input and forget
+    gates see the previous cell c, the output gate sees the new cell c'. Rows of W_ih, W_hh, b_ih, b_hh are
+    torch.nn.LSTM's i | f | g | o, so a torch.nn.LSTM state dict loads into the shared names::
+
+        i = σ(x W_ii + b_ii + h W_hi + b_hi + w_ci ⊙ c)
+        f = σ(x W_if + b_if + h W_hf + b_hf + w_cf ⊙ c)
+        g = tanh(x W_ig + b_ig + h W_hg + b_hg)
+        c' = f ⊙ c + i ⊙ g
+        o = σ(x W_io + b_io + h W_ho + b_ho + w_co ⊙ c')
+        h' = o ⊙ tanh(c')
+
+    With w_ci = w_cf = w_co = 0 this is torch.nn.LSTMCell. Peephole weights ``weight_ci``, ``weight_cf``,
+    ``weight_co`` (H,) start like every other weight, U(−1/√H, 1/√H).
+    """
+
+    State = LSTMState
+    num_gates = 4
+    gate_names = ("i", "f", "g", "o")
+
+    def parameter_shapes(self):
+        H = self.hidden_size
+        return {**super().parameter_shapes(), "weight_ci": (H,), "weight_cf": (H,), "weight_co": (H,)}
+
+    def step(self, p, x, state):
+        h, c = state
+        a_i, a_f, a_g, a_o = (x + F.linear(h, p["weight_hh"], p["bias_hh"])).chunk(4, dim=1)  # (B, H) each
+        i = torch.sigmoid(a_i + p["weight_ci"] * c)
+        f = torch.sigmoid(a_f + p["weight_cf"] * c)
+        g = torch.tanh(a_g)
+        c = f * c + i * g
+        o = torch.sigmoid(a_o + p["weight_co"] * c)
+        h = o * torch.tanh(c)
+        self.record(i=i, f=f, g=g, o=o)
+        return LSTMState(h, c)
+
+
+class IndRNNCell(Cell):
+    r"""Independently recurrent neural network (Li, Li, Cook, Zhu & Gao 2018, "IndRNN").
+
+    Each unit sees only its own past: the recurrent weight is a vector u (⊙), not a matrix::
+
+        h' = relu(x W_ihᵀ + b_ih + u ⊙ h)
+
+    Parameters: ``weight_ih`` (H, I), ``weight_hh`` = u (H,) and ``bias_ih`` (H,). Because unit j's
+    gradient through time is a product of u_j · relu'(·) factors, |u_j| bounds how fast it explodes or
+    vanishes; u starts at U(0, 1) (non-negative, at most 1: each unit starts as a leaky memory), the input
+    weights at torch.nn's U(−1/√H, 1/√H) and the bias at 0.
+    """
+
+    def parameter_shapes(self):
+        H, I = self.hidden_size, self.input_size
+        return {"weight_ih": (H, I), "weight_hh": (H,), "bias_ih": (H,)}
+
+    def init_parameter(self, name, tensor):
+        if name == "weight_hh":
+            nn.init.uniform_(tensor, 0.0, 1.0)
+        elif name == "bias_ih":
+            nn.init.zeros_(tensor)
+        else:
+            super().init_parameter(name, tensor)
+
+    def step(self, p, x, state):
+        return HiddenState(torch.relu(x + p["weight_hh"] * state.h))
+
+
+def g(x: Tensor) -> Tensor:
+    """minGRU/minLSTM's positive activation: x + ½ for x ≥ 0, σ(x) below (continuous, > 0, so log g exists)."""
+    return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+
+
+def log_g(x: Tensor) -> Tensor:
+    """log g(x), computed without forming g: log(x + ½) for x ≥ 0, −softplus(−x) = log σ(x) below."""
+    return torch.where(x >= 0, torch.log(torch.relu(x) + 0.5), -F.softplus(-x))
+
+
+def parallel_scan_log(log_a: Tensor, log_b: Tensor, h0: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    r"""h_t = a_t ⊙ h_{t−1} + b_t for every t at once, given log a_t and log b_t (a_t, b_t > 0; Heinsen 2023).
+
+    Unrolled, with A_t = a_1 ⊙ … ⊙ a_t::
+
+        h_t = A_t ⊙ h_0 + A_t ⊙ Σ_{s≤t} b_s / A_s
+        log A_t = cumsum_t(log a_t)
+        A_t ⊙ Σ_{s≤t} b_s / A_s = exp(log A_t + logcumsumexp_t(log b_t − log A_t))
+
+    Cumulative sums over time replace the sequential loop; h_0 is kept outside the logarithms, so it may
+    have any sign (a state given by the user, or zeros). Where mask (T, B, 1) is False the update is the
+    identity (a = 1, b = 0), so the state is carried past each sequence's length. log_a, log_b: (T, B, H);
+    returns the states (T, B, H), zero past each length, and the last state (B, H).
+    """
+    if mask is not None:
+        log_a = log_a.masked_fill(~mask, 0.0)
+        log_b = log_b.masked_fill(~mask, float("-inf"))
+    log_A = torch.cumsum(log_a, dim=0)  # (T, B, H)
+    h = torch.exp(log_A) * h0 + torch.exp(log_A + torch.logcumsumexp(log_b - log_A, dim=0))  # (T, B, H)
+    last = h[-1] if h.shape[0] else h0
+    if mask is not None:
+        h = h.masked_fill(~mask, 0.0)
+    return h, last
+
+
+class MinGRUCell(Cell):
+    r"""minGRU (Feng, Tung, Ahmed, Bengio & Hajimirsadeghi 2024, "Were RNNs All We Needed?").
+
+    The gate and the candidate depend on x only, so the recurrence is linear in h and all time steps can be
+    computed at once by a parallel scan. Rows of W_ih, b_ih: z | h̃::
+
+        z  = σ(x W_izᵀ + b_iz)               update gate
+        h̃  = g(x W_ihᵀ + b_ih)               candidate, g(v) = v + ½ (v ≥ 0), σ(v) (v < 0): positive
+        h' = (1 − z) ⊙ h + z ⊙ h̃
+
+    ``step`` is the paper's sequential mode (generation, tracing); ``fast_scan`` its log-space parallel
+    mode for training: log(1 − z) = −softplus(a_z), log z = −softplus(−a_z), log h̃ = log g(a_h), then
+    :func:`parallel_scan_log`. The tests hold the two equal, values and gradients.
+    There is no W_hh: parameters are ``weight_ih`` (2H, I) and ``bias_ih`` (2H,).
+    """
+
+    num_gates = 2
+    gate_names = ("z", "h_tilde")
+
+    def parameter_shapes(self):
+        G, I = 2 * self.hidden_size, self.input_size
+        return {"weight_ih": (G, I), "bias_ih": (G,)}
+
+    def step(self, p, x, state):
+        a_z, a_h = x.chunk(2, dim=1)  # (B, H) each
+        z = torch.sigmoid(a_z)
+        h_tilde = g(a_h)
+        h = (1 - z) * state.h + z * h_tilde
+        self.record(z=z, h_tilde=h_tilde)
+        return HiddenState(h)
+
+    def fast_scan(self, p, xw, state, mask):
+        a_z, a_h = xw.chunk(2, dim=2)  # (T, B, H) each
+        log_a = -F.softplus(a_z)  # log(1 − z)
+        log_b = -F.softplus(-a_z) + log_g(a_h)  # log(z ⊙ h̃)
+        h, last = parallel_scan_log(log_a, log_b, state.h, mask)
+        return h, HiddenState(last)
+
+
+class MinLSTMCell(Cell):
+    r"""minLSTM (Feng, Tung, Ahmed, Bengio & Hajimirsadeghi 2024, "Were RNNs All We Needed?").
+
+    Forget and input gates depend on x only and are normalised to sum to one, so h needs no separate cell
+    state and the recurrence is linear in h. Rows of W_ih, b_ih: f | i | h̃::
+
+        f  = σ(x W_ifᵀ + b_if),  i = σ(x W_iiᵀ + b_ii)
+        h̃  = g(x W_ihᵀ + b_ih)              g(v) = v + ½ (v ≥ 0), σ(v) (v < 0)
+        f' = f / (f + i),  i' = i / (f + i)
+        h' = f' ⊙ h + i' ⊙ h̃
+
+    ``fast_scan`` is the paper's log-space parallel mode: with d = softplus(−a_f) − softplus(−a_i)
+    (= log i − log f), log f' = −softplus(d) and log i' = −softplus(−d); then :func:`parallel_scan_log`.
+    Parameters: ``weight_ih`` (3H, I) and ``bias_ih`` (3H,); no W_hh.
+    """
+
+    num_gates = 3
+    gate_names = ("f", "i", "h_tilde")
+
+    def parameter_shapes(self):
+        G, I = 3 * self.hidden_size, self.input_size
+        return {"weight_ih": (G, I), "bias_ih": (G,)}
+
+    def step(self, p, x, state):
+        a_f, a_i, a_h = x.chunk(3, dim=1)  # (B, H) each
+        f, i = torch.sigmoid(a_f), torch.sigmoid(a_i)
+        h_tilde = g(a_h)
+        h = f / (f + i) * state.h + i / (f + i) * h_tilde
+        self.record(f=f, i=i, h_tilde=h_tilde)
+        return HiddenState(h)
+
+    def fast_scan(self, p, xw, state, mask):
+        a_f, a_i, a_h = xw.chunk(3, dim=2)  # (T, B, H) each
+        d = F.softplus(-a_f) - F.softplus(-a_i)  # log i − log f
+        h, last = parallel_scan_log(-F.softplus(d), -F.softplus(-d) + log_g(a_h), state.h, mask)
+        return h, HiddenState(last)
+
+
+CELLS: dict[str, type[Cell]] = {
+    "rnn": RNNCell, "lstm": LSTMCell, "gru": GRUCell,
+    "layernorm_lstm": LayerNormLSTMCell, "peephole_lstm": PeepholeLSTMCell, "indrnn": IndRNNCell,
+    "mingru": MinGRUCell, "minlstm": MinLSTMCell,
+}
 """Cells by the name the CLI and configs use. Register a new cell here to make it available everywhere."""
