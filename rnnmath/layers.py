@@ -31,15 +31,22 @@ def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
     return x.gather(0, index)
 
 
-def scan(cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None):
+def scan(cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, h_mask: Tensor | None = None,
+         zoneout: float = 0.0, training: bool = False):
     """The time loop: apply cell.step at every step of xw (T, B, G) from `state`.
 
     Where mask[t] (B, 1) is False (past a sequence's length) the state is carried unchanged and the output
     is zero. Returns the outputs h_t (T, B, H) and the last state.
+
+    Regularisers (see :class:`Recurrent`): ``h_mask`` (B, H), the recurrent-dropout mask, multiplies the h fed
+    into every step; ``zoneout`` z keeps each unit of every state field at its old value with probability z
+    (training), or mixes (1 − z)·new + z·old (evaluation).
     """
     outputs = []
     for t in range(xw.shape[0]):
-        new = cell.step(p, xw[t], state)
+        new = cell.step(p, xw[t], state if h_mask is None else state._replace(h=state.h * h_mask))
+        if zoneout:
+            new = _zoneout(new, state, zoneout, training)
         if mask is not None:
             new = type(new)(*(torch.where(mask[t], n, s) for n, s in zip(new, state)))
         state = new
@@ -52,6 +59,13 @@ def scan(cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None):
     if mask is not None:
         output = output.masked_fill(~mask, 0.0)
     return output, state
+
+
+def _zoneout(new, old, z: float, training: bool):
+    """Zoneout (Krueger et al. 2017) of every state field: new' = d ⊙ old + (1 − d) ⊙ new, d ~ Bernoulli(z)."""
+    if training:
+        return type(new)(*(torch.where(torch.rand_like(n) < z, o, n) for n, o in zip(new, old)))
+    return type(new)(*((1 - z) * n + z * o for n, o in zip(new, old)))
 
 
 class Recurrent(nn.Module):
@@ -91,6 +105,20 @@ class Recurrent(nn.Module):
 
     Returns ``(output, h_n)``, with ``h_n`` a tuple ``(h_n, c_n, ...)`` when the cell's state has several
     fields; output is (T, B, D·H).
+
+    Regularisers beyond torch.nn, for any cell (keyword-only, off by default; with both at 0 nothing runs):
+
+    * ``recurrent_dropout`` p — variational dropout of the recurrence (Gal & Ghahramani 2016). In training,
+      each layer and direction draws one mask m ~ Bernoulli(1 − p)/(1 − p) of shape (B, H) per call, i.e. per
+      sequence, and every step is fed ``state.h ⊙ m`` instead of ``state.h``: the same units are dropped at
+      every step. Outputs and carried states are not masked. Identity in evaluation.
+    * ``zoneout`` z — zoneout (Krueger et al. 2017). In training, at each step every unit of every state
+      field (h, and c for an LSTM) keeps its previous value with probability z:
+      ``s_t = d_t ⊙ s_{t−1} + (1 − d_t) ⊙ step(s_{t−1})``, d_t ~ Bernoulli(z). In evaluation, as in the paper,
+      the expectation ``s_t = (1 − z) ⊙ step(s_{t−1}) + z ⊙ s_{t−1}``: so zoneout is *not* the identity in
+      evaluation, and a model trained with it must be evaluated with it.
+
+    While either is active the readable loop runs (a cell's ``fast_scan`` knows nothing of them).
     """
 
     def __init__(
@@ -105,6 +133,9 @@ class Recurrent(nn.Module):
         bidirectional: bool = False,
         device=None,
         dtype=None,
+        *,
+        recurrent_dropout: float = 0.0,
+        zoneout: float = 0.0,
         **cell_kwargs,
     ) -> None:
         super().__init__()
@@ -114,6 +145,11 @@ class Recurrent(nn.Module):
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        for flag, value in (("recurrent_dropout", recurrent_dropout), ("zoneout", zoneout)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ValueError(f"{flag} must be a number in [0, 1), got {value!r}")
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.zoneout = float(zoneout)
         self.cell_class = cell
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -238,16 +274,22 @@ class Recurrent(nn.Module):
     def _scan(self, k: int, d: int, cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None):
         """Run one layer and direction over time: the readable loop `scan`, which is the specification, or a
         cell's `fast_scan` (proven equal to it by the tests) when the cell has one and nothing looks inside."""
+        regularise = {}
+        if self.recurrent_dropout and self.training:
+            h_mask = F.dropout(xw.new_ones(xw.shape[1], cell.hidden_size), self.recurrent_dropout)  # (B, H)
+            regularise.update(h_mask=h_mask)
+        if self.zoneout:
+            regularise.update(zoneout=self.zoneout, training=self.training)
         if self._trace is not None:
             cell._recorder = self._trace.recorder(k, d)
             try:
-                return scan(cell, p, xw, state, mask)
+                return scan(cell, p, xw, state, mask, **regularise)
             finally:
                 cell._recorder = None
         fast_scan = getattr(cell, "fast_scan", None)
-        if self.fast and fast_scan is not None:
+        if self.fast and fast_scan is not None and not regularise:
             return fast_scan(p, xw, state, mask)
-        return scan(cell, p, xw, state, mask)
+        return scan(cell, p, xw, state, mask, **regularise)
 
     def _initial_states(self, hx, batch_size: int, x: Tensor) -> list:
         """hx (per field (L·D, B, H)) -> one cell State per layer and direction; zeros when hx is None."""
@@ -280,6 +322,10 @@ class Recurrent(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.recurrent_dropout:
+            s += f", recurrent_dropout={self.recurrent_dropout}"
+        if self.zoneout:
+            s += f", zoneout={self.zoneout}"
         return s
 
 
@@ -380,9 +426,11 @@ class RNN(Recurrent):
     """Elman RNN layers, as ``torch.nn.RNN``; see :class:`Recurrent` and :class:`rnnmath.RNNCell`."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+                 recurrent_dropout=0.0, zoneout=0.0):
         super().__init__(RNNCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, nonlinearity=nonlinearity)
+                         bidirectional, device, dtype, nonlinearity=nonlinearity,
+                         recurrent_dropout=recurrent_dropout, zoneout=zoneout)
         self.nonlinearity = nonlinearity
 
 
@@ -390,15 +438,15 @@ class LSTM(Recurrent):
     """LSTM layers, as ``torch.nn.LSTM`` (without proj_size); see :class:`Recurrent` and :class:`rnnmath.LSTMCell`."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device=None, dtype=None):
+                 bidirectional=False, device=None, dtype=None, *, recurrent_dropout=0.0, zoneout=0.0):
         super().__init__(LSTMCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype)
+                         bidirectional, device, dtype, recurrent_dropout=recurrent_dropout, zoneout=zoneout)
 
 
 class GRU(Recurrent):
     """GRU layers, as ``torch.nn.GRU``; see :class:`Recurrent` and :class:`rnnmath.GRUCell`."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device=None, dtype=None):
+                 bidirectional=False, device=None, dtype=None, *, recurrent_dropout=0.0, zoneout=0.0):
         super().__init__(GRUCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype)
+                         bidirectional, device, dtype, recurrent_dropout=recurrent_dropout, zoneout=zoneout)
