@@ -1,0 +1,402 @@
+"""The ``rnnmath`` command: train, evaluate, predict, demo, datasets.
+
+Each subcommand is a pair of functions, ``add_<name>_parser(subparsers)`` that declares its flags and
+``cmd_<name>(args) -> int`` that runs it; ``SUBCOMMANDS`` lists the first of each pair. To add a command,
+write the pair and append the parser function to ``SUBCOMMANDS``.
+
+Exit codes: 0 success; 2 bad usage or bad data (one line ``rnnmath: error: ...`` naming the file and line,
+or the flag); 1 internal error (one line; the traceback with RNNMATH_DEBUG=1); 130 interrupted by Ctrl-C
+(training saves a checkpoint first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from . import data as datamod
+from .data import Examples, read_examples
+from .errors import UserError
+from .model import HISTORY, PRESETS, Config, load_description, load_model, write_json
+from .train import BagOfWordsLogReg, Interrupted, classification_metrics, label_indices, train
+
+
+# -- flag types: a bad value is an argparse error (exit 2) that names the flag ------------------------------
+def _number(kind, low, high):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (low <= value <= high):  # also rejects nan
+            raise argparse.ArgumentTypeError(f"expected a value from {low} to {high}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,6, got {text!r}") from None
+    if any(not 1 <= v <= 65536 for v in values):
+        raise argparse.ArgumentTypeError(f"expected sizes from 1 to 65536, got {text!r}")
+    return values
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of ``Config`` (``vocab_size`` -> ``--vocab-size``), default None = the preset's."""
+    group = parser.add_argument_group("model and training (defaults: the preset's)")
+    for f in dataclasses.fields(Config):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        default = getattr(PRESETS["default"], f.name)
+        help_text = f"{meta['help']} (default preset: {default})"
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.type.startswith("tuple"):
+            group.add_argument(flag, type=_int_list, default=None, metavar="N,N", help=help_text)
+        elif meta["choices"] is not None:
+            group.add_argument(flag, choices=meta["choices"](), default=None, help=help_text)
+        elif f.type == "str":
+            group.add_argument(flag, default=None, help=help_text)
+        else:
+            kind = int if f.type == "int" else float
+            group.add_argument(flag, type=_number(kind, meta["low"], meta["high"]), default=None,
+                               metavar=f.name.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[Config, dict]:
+    """The preset with every flag the user gave applied; also returns those flags as {field: value}."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    return dataclasses.replace(PRESETS[args.preset], **given).validate(), given
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reading data files")
+    group.add_argument("--format", choices=datamod.FORMATS, default="auto",
+                       help="file format; auto: by extension (.csv, .jsonl/.json, else TSV) (default: auto)")
+    group.add_argument("--text-column", default="text", help="name of the text column or key (default: text)")
+    group.add_argument("--label-column", default="label", help="name of the label column or key (default: label)")
+    group.add_argument("--on-bad-line", choices=datamod.ON_BAD_LINE, default="error",
+                       help="a malformed record stops with an error naming it, or is skipped and counted "
+                            "(default: error)")
+
+
+def read_data(args: argparse.Namespace, path: str) -> Examples:
+    examples = read_examples(path, args.format, args.text_column, args.label_column, args.on_bad_line)
+    if examples.skipped:
+        shown = ", ".join(map(str, examples.skipped[:20])) + (", ..." if len(examples.skipped) > 20 else "")
+        print(f"rnnmath: skipped {len(examples.skipped)} bad line(s) of {path}: {shown}", file=sys.stderr)
+    return examples
+
+
+# -- train -------------------------------------------------------------------------------------------------
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a sentence classifier",
+                              description="Train a sentence classifier and write its model directory. With only "
+                              "--data, that file is split (stratified, seeded) 80/10/10 into "
+                              "train/validation/test; --val and --test give those parts as files instead.")
+    p.add_argument("--data", required=True, metavar="FILE", help="labelled training sentences")
+    p.add_argument("--val", metavar="FILE", help="validation sentences (early stopping, choice of epoch)")
+    p.add_argument("--test", metavar="FILE", help="test sentences, evaluated once at the end")
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="starting configuration; 'seed' is the seed's tanh RNN (default: default)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--json", action="store_true", help="print the history and test metrics as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_config_flags(p)
+    add_data_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    config, given = config_from_args(args)
+    if args.resume and (out / "config.json").exists():
+        saved, _, _ = load_description(out)
+        for name, value in given.items():
+            if getattr(saved, name) != getattr(config, name):
+                raise UserError(f"--{name.replace('_', '-')} {value} differs from the run being resumed in {out} "
+                                f"({getattr(saved, name)}); leave it out with --resume")
+        config = saved
+    examples = read_data(args, args.data)
+    val = read_data(args, args.val) if args.val else None
+    test = read_data(args, args.test) if args.test else None
+    fractions = [0.8 if val is None and test is None else 0.9 if val is None or test is None else 1.0]
+    fractions += [0.1] * ((val is None) + (test is None))
+    parts = datamod.stratified_split(examples.labels, fractions, config.seed)
+    train_set = examples.subset(parts.pop(0))
+    val = val if val is not None else examples.subset(parts.pop(0))
+    test = test if test is not None else examples.subset(parts.pop(0))
+
+    log = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr))
+    progress = not (args.quiet or args.json) and sys.stderr.isatty()
+    history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log)
+    result = {"model": str(out), "train": len(train_set), "val": len(val), **history}
+    if len(test):
+        trained = load_model(out)
+        predicted = trained.predict(test.texts).argmax(1)
+        result["test"] = classification_metrics(label_indices(test, trained.labels).tolist(), predicted.tolist(),
+                                                trained.labels)
+        write_json(out / HISTORY, "history", **history, test=result["test"])
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"trained on {len(train_set)} sentences; best validation accuracy {history['best_val_accuracy']:.4f} "
+              f"at epoch {history['best_epoch']} of {len(history['epochs'])}")
+        if len(test):
+            print(f"test accuracy {result['test']['accuracy']:.4f} (n={len(test)}), "
+                  f"macro F1 {result['test']['macro_f1']:.4f}")
+        print(f"model written to {out}")
+    return 0
+
+
+# -- evaluate ----------------------------------------------------------------------------------------------
+def add_evaluate_parser(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="accuracy, per-class precision/recall/F1, confusion matrix",
+                              description="Evaluate a trained model on labelled sentences.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
+    p.add_argument("--data", required=True, metavar="FILE", help="labelled sentences")
+    p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, macro_f1, n, ...)")
+    add_data_flags(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    trained = load_model(args.model)
+    examples = read_data(args, args.data)
+    y = label_indices(examples, trained.labels)
+    predicted = trained.predict(examples.texts).argmax(1)
+    metrics = classification_metrics(y.tolist(), predicted.tolist(), trained.labels)
+    metrics["skipped_lines"] = examples.skipped
+    if args.json:
+        print(json.dumps(metrics, sort_keys=True))
+        return 0
+    print(format_metrics(metrics))
+    return 0
+
+
+def format_metrics(metrics: dict) -> str:
+    labels = metrics["labels"]
+    width = max(8, *(len(y) for y in labels))
+    lines = [f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}   n {metrics['n']}", "",
+             f"{'label':<{width}}  precision  recall  f1      support"]
+    for label, m in metrics["per_class"].items():
+        lines.append(f"{label:<{width}}  {m['precision']:<9.4f}  {m['recall']:<6.4f}  {m['f1']:<6.4f}  {m['support']}")
+    lines += ["", "confusion matrix (rows: true label, columns: predicted)",
+              " " * width + "  " + "  ".join(f"{y:>{width}}" for y in labels)]
+    for label, row in zip(labels, metrics["confusion"]):
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{c:>{width}}" for c in row))
+    return "\n".join(lines)
+
+
+# -- predict -----------------------------------------------------------------------------------------------
+def add_predict_parser(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="label new sentences",
+                              description="Print the label and its probability for each text: the TEXT "
+                              "arguments, or else one text per line of standard input.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: lines of standard input)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line: text, label, probabilities (label -> probability)")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    trained = load_model(args.model)
+    texts = args.texts if args.texts else read_stdin_lines()
+    probabilities = trained.predict(texts)
+    for text, p in zip(texts, probabilities.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        if args.json:
+            print(json.dumps({"text": text, "label": trained.labels[best],
+                              "probabilities": dict(zip(trained.labels, p))}, ensure_ascii=False))
+        else:
+            print(f"{trained.labels[best]}\t{p[best]:.4f}\t{text}")
+    return 0
+
+
+def read_stdin_lines() -> list[str]:
+    """Standard input as UTF-8 lines split on "\\n" only (a BOM and a "\\r" before "\\n" are dropped)."""
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"standard input line {line}: not valid UTF-8; expected UTF-8 text") from None
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+# -- demo --------------------------------------------------------------------------------------------------
+DEMO_SENTENCES = [
+    "the food was good but slow",
+    "the food was slow but good",
+    "the service was not bad",
+    "the service was not very good",
+    "the coffee was really fresh and not cold",
+    "the coffee was cold and not fresh",
+]
+
+
+def add_demo_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="train on a task where word order matters; compare with bag of words",
+                              description="Generate a sentiment task whose labels depend on word order "
+                              "(negation, contrast with 'but', intensifiers), train the default model on it, "
+                              "and compare its test accuracy with a bag-of-words logistic regression. Offline.")
+    p.add_argument("--out", metavar="DIR", help="keep the trained model here (default: a temporary directory)")
+    p.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0, help="seed of data and training")
+    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: less data, fewer epochs
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    n, epochs = (600, 2) if args.quick else (4000, 4)
+    examples = datamod.make_order_task(n, args.seed)
+    train_idx, val_idx, test_idx = datamod.stratified_split(examples.labels, [0.8, 0.1, 0.1], args.seed)
+    train_set, val, test = examples.subset(train_idx), examples.subset(val_idx), examples.subset(test_idx)
+    print(f"rnnmath demo: {n} generated sentences whose sentiment depends on word order, e.g.")
+    for i in range(4):
+        print(f"  {examples.labels[i]:<8}  {examples.texts[i]}")
+    print(f"split {len(train_set)} train / {len(val)} validation / {len(test)} test (stratified, seed {args.seed})\n")
+
+    config = dataclasses.replace(PRESETS["default"], epochs=epochs, seed=args.seed, patience=epochs)
+    with tempfile.TemporaryDirectory(prefix="rnnmath-demo-") as tmp:
+        out = Path(args.out) if args.out else Path(tmp) / "model"
+        print(f"training the default model ({config.cell.upper()}, {config.hidden} units, "
+              f"{'bidirectional' if config.bidirectional else 'one direction'}) for up to {epochs} epochs ...")
+        train(config, train_set, val, out, progress=sys.stderr.isatty(),
+              log=lambda line: print("  " + line))
+        trained = load_model(out)
+        y_test = label_indices(test, trained.labels)
+        rnn_pred = trained.predict(test.texts).argmax(1)
+        bow = BagOfWordsLogReg(vocab_size=400).fit(train_set.texts, label_indices(train_set, trained.labels),
+                                                    len(trained.labels))
+        bow_pred = bow.predict(test.texts)
+        twins = twin_indices(test)
+        rnn_acc = (rnn_pred == y_test).double().mean().item()
+        bow_acc = (bow_pred == y_test).double().mean().item()
+        print(f"\n{'model':<44} {'test accuracy':>13} {'on twins':>9}")
+        for name, pred, acc in [("RNN (default preset)", rnn_pred, rnn_acc),
+                                ("bag-of-words logistic regression", bow_pred, bow_acc)]:
+            on_twins = (pred[twins] == y_test[twins]).double().mean().item() if twins else float("nan")
+            print(f"{name:<44} {acc:>13.3f} {on_twins:>9.3f}")
+        print(f"\n{len(twins)} test sentences have a twin in the test set with exactly the same words in another "
+              "order and the opposite label ('good but slow' vs 'slow but good').\nA bag of words cannot tell "
+              "twins apart, and cannot make 'not' flip both 'good' and 'bad'; the RNN reads the words in order, "
+              "so it can.\n")
+        probabilities = trained.predict(DEMO_SENTENCES)
+        print("predictions of the RNN:")
+        for text, p in zip(DEMO_SENTENCES, probabilities.tolist()):
+            best = max(range(len(p)), key=p.__getitem__)
+            print(f"  {trained.labels[best]:<8} {p[best]:.3f}  {text}")
+
+        # ---- INSPECT REPORT: the inspect report of the trained model (model dir `out`, sentences
+        # DEMO_SENTENCES) is to be written here, while the temporary model directory still exists. ----
+
+        print(f"\ndemo finished in {time.perf_counter() - start:.0f} s"
+              + (f"; model kept in {out}" if args.out else ""))
+    if rnn_acc <= bow_acc:
+        print("rnnmath: warning: the RNN did not beat the bag-of-words model on this run", file=sys.stderr)
+    return 0
+
+
+def twin_indices(examples: Examples) -> list[int]:
+    """Indices of sentences whose bag of words also occurs in ``examples`` with another label."""
+    by_bag: dict[tuple, set[str]] = {}
+    bags = [tuple(sorted(datamod.tokenize(t))) for t in examples.texts]
+    for bag, label in zip(bags, examples.labels):
+        by_bag.setdefault(bag, set()).add(label)
+    return [i for i, bag in enumerate(bags) if len(by_bag[bag]) > 1]
+
+
+# -- datasets ----------------------------------------------------------------------------------------------
+def add_datasets_parser(subparsers) -> None:
+    p = subparsers.add_parser("datasets", help="list known datasets; download and verify one",
+                              description="List the known datasets with their download URL and sha256, and "
+                              "where a verified copy lies. --fetch downloads one into the cache and checks it.")
+    p.add_argument("--fetch", metavar="NAME", help="download NAME (or verify the --data-dir copy) and print its folder")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="an offline copy laid out like the cache (default: $RNNMATH_DATA_DIR)")
+    p.add_argument("--cache-dir", metavar="DIR", help="download folder (default: $RNNMATH_CACHE_DIR or "
+                   "~/.cache/rnnmath)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_datasets)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    if args.fetch:
+        root = datamod.locate(args.fetch, args.data_dir, args.cache_dir)
+        for f in datamod.DATASETS[args.fetch].files:
+            if (root / f.path).is_file():
+                print(root / f.path)
+        return 0
+    data_dir = Path(args.data_dir) if args.data_dir else datamod.default_data_dir()
+    cache = Path(args.cache_dir) if args.cache_dir else datamod.default_cache_dir()
+    listing = []
+    for d in datamod.DATASETS.values():
+        roots = [r for r in (data_dir, cache) if r is not None and not datamod.check_copy(d, r)]
+        listing.append({"name": d.name, "description": d.description, "url": d.url, "sha256": d.sha256,
+                        "license": d.license, "files": [f.path for f in d.files],
+                        "local": str(roots[0]) if roots else None})
+    if args.json:
+        print(json.dumps({"datasets": listing}, sort_keys=True))
+        return 0
+    for d in listing:
+        print(f"{d['name']}\n  {d['description']}\n  url     {d['url']}\n  sha256  {d['sha256']}\n"
+              f"  license {d['license']}\n  local   {d['local'] or 'not downloaded (rnnmath datasets --fetch NAME)'}")
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------------------
+SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnnmath", description="Recurrent networks as readable tensor math: "
+                                     "train, evaluate and use a sentence classifier.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # a usage error exits with 2
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"rnnmath: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"rnnmath: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("rnnmath: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `rnnmath predict ... | head`
+        sys.stderr.close()
+        return 0
+    except Exception as e:
+        if os.environ.get("RNNMATH_DEBUG") == "1":
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or "(no message)"
+        print(f"rnnmath: internal error: {type(e).__name__}: {message} (set RNNMATH_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

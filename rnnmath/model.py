@@ -1,0 +1,321 @@
+"""The sentence classifier, its one config dataclass, and the model directory it is saved in.
+
+Shape letters: B batch, T time, V vocabulary ids (words + PAD + UNK), H hidden, D directions, F features,
+C classes.
+
+The classifier has no embedding layer: the recurrent layer takes token ids, i.e. one-hot vectors over V,
+whose input projection W_ih x is a row lookup of W_ih (an embedding by another name)::
+
+    output, h_n = rnn(ids, lengths)          # (B, T, D·H); h_n: the state at each sentence's true last word
+    last = h_n of the top layer, directions side by side                         # (B, D·H)
+    pooled = max over t < length of output   # only with pooling "max" or "last+max"  (B, D·H)
+    x = dropout([last | pooled])                                                 # (B, F)
+    x = activation(W_k x + b_k) for each dense layer
+    log p(class) = log_softmax(W_out x + b_out)                                  # (B, C)
+
+Model directory (every file written atomically; nothing is ever pickled)::
+
+    config.json        {"format": "rnnmath-config", "format_version": 1, "config": {...Config...}}
+    vocab.json         {"format": "rnnmath-vocab", "format_version": 1, "words": [...]}  (PAD, UNK implied)
+    labels.json        {"format": "rnnmath-labels", "format_version": 1, "labels": [...]}
+    model.safetensors  the weights of the best epoch (by validation accuracy)
+    history.json       per-epoch loss and validation accuracy, best epoch, test metrics
+    checkpoint.safetensors  the last epoch's weights, Adam state, RNG state and (in its metadata, as JSON)
+                       the loop's scalars, for ``--resume``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from . import CELLS, Recurrent
+from .data import Vocabulary, atomic_write
+from .errors import UserError
+
+FORMAT_VERSION = 1
+POOLINGS = ("last", "max", "last+max")
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+def _flag(help: str, low: float | None = None, high: float | None = None, choices=None) -> Any:
+    """Field metadata from which the CLI builds a flag: help text, allowed range or choices."""
+    return {"help": help, "low": low, "high": high, "choices": choices}
+
+
+@dataclass
+class Config:
+    """Everything that defines a training run: the model, the encoding and the optimisation.
+
+    Saved with every model (config.json); each field is a ``rnnmath train`` flag (``vocab_size`` ->
+    ``--vocab-size``). The defaults are the ``default`` preset; ``PRESETS["seed"]`` is the seed's model.
+    """
+
+    cell: str = field(default="gru", metadata=_flag("recurrent cell (rnnmath.CELLS)", choices=lambda: sorted(CELLS)))
+    hidden: int = field(default=96, metadata=_flag("state size H of each direction", 1, 65536))
+    layers: int = field(default=1, metadata=_flag("stacked recurrent layers", 1, 64))
+    bidirectional: bool = field(default=True, metadata=_flag("read each sentence in both directions"))
+    pooling: str = field(default="last+max", metadata=_flag("sentence features: the state at the last word, "
+                                                             "the max over time of the states, or both",
+                                                             choices=lambda: list(POOLINGS)))
+    dense: tuple[int, ...] = field(default=(), metadata=_flag("sizes of the dense layers before the output, "
+                                                              "comma-separated (e.g. 4,6); empty for none"))
+    activation: str = field(default="tanh", metadata=_flag("activation of the dense layers",
+                                                           choices=lambda: list(ACTIVATIONS)))
+    dropout: float = field(default=0.5, metadata=_flag("dropout on the sentence features (and between layers)", 0, 1))
+    word_dropout: float = field(default=0.0, metadata=_flag("in training, replace each word by UNK with this "
+                                                             "probability", 0, 1))
+    vocab_size: int = field(default=5000, metadata=_flag("the N most frequent training words kept (plus PAD "
+                                                         "and UNK)", 1, 10_000_000))
+    max_len: int = field(default=50, metadata=_flag("words kept per sentence; the rest are cut", 1, 100_000))
+    epochs: int = field(default=20, metadata=_flag("maximum training epochs", 1, 100_000))
+    batch_size: int = field(default=32, metadata=_flag("sentences per training step", 1, 1_000_000))
+    lr: float = field(default=0.003, metadata=_flag("Adam learning rate", 0, 10))
+    weight_decay: float = field(default=0.0, metadata=_flag("Adam L2 weight decay", 0, 10))
+    clip: float = field(default=1.0, metadata=_flag("clip the gradient norm to this", 0, 1e6))
+    patience: int = field(default=5, metadata=_flag("stop after this many epochs without a better "
+                                                    "validation accuracy", 1, 100_000))
+    seed: int = field(default=0, metadata=_flag("seed of the split, initialisation, dropout and data order",
+                                                0, 2**63 - 1))
+
+    def validate(self) -> Config:
+        """Check every field's type and range; a UserError names the flag."""
+        for f in dataclasses.fields(self):
+            value, flag, meta = getattr(self, f.name), "--" + f.name.replace("_", "-"), f.metadata
+            kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str,
+                                                              "tuple[int, ...]": tuple}[f.type]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if kind is tuple and isinstance(value, list):
+                value = tuple(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise UserError(f"{flag} must be of type {kind.__name__}, got {value!r}")
+            if kind is tuple and not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536
+                                         for v in value):
+                raise UserError(f"{flag} must be a list of integers from 1 to 65536, got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise UserError(f"{flag} must be a finite number, got {value!r}")
+            if meta["low"] is not None and not meta["low"] <= value <= meta["high"]:
+                raise UserError(f"{flag} must lie in [{meta['low']}, {meta['high']}], got {value!r}")
+            if meta["choices"] is not None and value not in meta["choices"]():
+                raise UserError(f"{flag} must be one of {', '.join(meta['choices']())}, got {value!r}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr!r}")
+        if self.dropout >= 1 or self.word_dropout >= 1:
+            raise UserError("--dropout and --word-dropout must be below 1")
+        return self
+
+
+PRESETS: dict[str, Config] = {
+    # chosen on amazon + yelp (docs/quality.md): a bidirectional GRU over a larger vocabulary, the last
+    # states beside the max over time of all states, and strong dropout against 1,600 training sentences
+    "default": Config(),
+    # the seed: one-hot over 400 words (+ PAD, UNK), tanh RNN of state 3, tanh dense 4 and 6, softmax over 2
+    "seed": Config(cell="rnn", hidden=3, layers=1, bidirectional=False, pooling="last", dense=(4, 6),
+                   activation="tanh", dropout=0.0, vocab_size=400, max_len=30, epochs=30, lr=0.01,
+                   patience=8),
+}
+
+
+class Classifier(nn.Module):
+    """Token ids -> log-probabilities over classes; see the module docstring for the math."""
+
+    def __init__(self, config: Config, vocab_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.rnn = Recurrent(
+            CELLS[config.cell], vocab_size, config.hidden, num_layers=config.layers, batch_first=True,
+            dropout=config.dropout if config.layers > 1 else 0.0, bidirectional=config.bidirectional,
+        )
+        directions = 2 if config.bidirectional else 1
+        width = directions * config.hidden * (2 if config.pooling == "last+max" else 1)  # F
+        self.dense = nn.ModuleList()
+        for size in config.dense:
+            self.dense.append(nn.Linear(width, size))
+            width = size
+        self.out = nn.Linear(width, num_classes)
+
+    def features(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        """Sentence features (B, F) from ids (B, T) and true lengths (B,); padding is never read."""
+        output, h_n = self.rnn(ids, lengths=lengths)  # (B, T, D·H), (L·D, B, H)
+        if isinstance(h_n, tuple):  # several state fields (LSTM: h, c): the first is h
+            h_n = h_n[0]
+        D = 2 if self.config.bidirectional else 1
+        last = h_n[-D:].transpose(0, 1).reshape(ids.shape[0], -1)  # (B, D·H): top layer, at the true last word
+        if self.config.pooling == "last":
+            return last
+        T = output.shape[1]
+        padding = torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T)
+        pooled = output.masked_fill(padding.unsqueeze(2), -math.inf).amax(dim=1)  # (B, D·H)
+        pooled = pooled.masked_fill((lengths == 0).unsqueeze(1), 0.0)  # a sentence without words
+        return pooled if self.config.pooling == "max" else torch.cat([last, pooled], dim=1)
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        x = F.dropout(self.features(ids, lengths), self.config.dropout, self.training)  # (B, F)
+        for layer in self.dense:
+            x = ACTIVATIONS[self.config.activation](layer(x))
+        return F.log_softmax(self.out(x), dim=1)  # (B, C)
+
+    @torch.no_grad()
+    def log_probs(self, ids: Tensor, lengths: Tensor, batch_size: int = 256) -> Tensor:
+        """Log-probabilities (N, C) of many sentences, in evaluation mode, a batch at a time."""
+        was_training = self.training
+        self.eval()
+        parts = [self(*trim(ids[i : i + batch_size], lengths[i : i + batch_size]))
+                 for i in range(0, len(ids), batch_size)]
+        self.train(was_training)
+        return torch.cat(parts) if parts else torch.zeros(0, self.out.out_features)
+
+
+def trim(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the padding columns that no sentence of the batch reaches (keeping at least one): the math is
+    unchanged, and the time loop gets shorter."""
+    T = max(1, int(lengths.max())) if len(lengths) else 1
+    return ids[:, :T], lengths
+
+
+# -- the model directory -----------------------------------------------------------------------------------
+CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT = (
+    "config.json", "vocab.json", "labels.json", "model.safetensors", "history.json", "checkpoint.safetensors")
+
+
+@dataclass
+class TrainedModel:
+    """What evaluate and predict need, rebuilt from a model directory with no flags."""
+
+    config: Config
+    vocab: Vocabulary
+    labels: list[str]
+    model: Classifier
+
+    def predict(self, texts: list[str]) -> Tensor:
+        """Probabilities (N, C) of ``texts``, columns in the order of ``labels``."""
+        from .data import encode
+
+        ids, lengths = encode(texts, self.vocab, self.config.max_len)
+        return self.model.log_probs(ids, lengths).exp()
+
+
+def write_json(path: Path, kind: str, **content: Any) -> None:
+    """Write ``{"format": "rnnmath-<kind>", "format_version": 1, ...content}`` atomically, deterministically."""
+    document = {"format": f"rnnmath-{kind}", "format_version": FORMAT_VERSION, **content}
+    atomic_write(path, (json.dumps(document, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def read_json(path: Path, kind: str) -> dict:
+    """Read a JSON document written by ``write_json``, checking its format and version."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing; expected a model directory written by 'rnnmath train'")
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); the model directory is damaged") from None
+    if not isinstance(document, dict) or document.get("format") != f"rnnmath-{kind}":
+        raise UserError(f"{path}: expected a JSON object with \"format\": \"rnnmath-{kind}\"")
+    if document.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {document.get('format_version')!r} is not supported "
+                        f"(this rnnmath reads version {FORMAT_VERSION})")
+    return document
+
+
+def config_from_dict(values: Any, source: str) -> Config:
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: \"config\" must be a JSON object")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"{source}: unknown config field {unknown[0]!r}")
+    try:
+        return Config(**values).validate()
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def save_description(directory: Path, config: Config, vocab: Vocabulary, labels: list[str]) -> None:
+    """Write config.json, vocab.json and labels.json: everything but the weights and the history."""
+    write_json(directory / CONFIG, "config", config=dataclasses.asdict(config))
+    write_json(directory / VOCAB, "vocab", words=vocab.words[2:])
+    write_json(directory / LABELS, "labels", labels=labels)
+
+
+def load_description(directory: Path) -> tuple[Config, Vocabulary, list[str]]:
+    if not directory.exists():
+        raise UserError(f"{directory}: no such model directory")
+    if not directory.is_dir():
+        raise UserError(f"{directory}: is not a directory; expected a model directory")
+    config = config_from_dict(read_json(directory / CONFIG, "config").get("config"), str(directory / CONFIG))
+    words = read_json(directory / VOCAB, "vocab").get("words")
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise UserError(f"{directory / VOCAB}: \"words\" must be a list of strings")
+    try:
+        vocab = Vocabulary(words)
+    except ValueError as e:
+        raise UserError(f"{directory / VOCAB}: {e}") from None
+    labels = read_json(directory / LABELS, "labels").get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(y, str) for y in labels) \
+            or len(set(labels)) != len(labels):
+        raise UserError(f"{directory / LABELS}: \"labels\" must be a list of at least 2 distinct strings")
+    return config, vocab, labels
+
+
+def tensors_to_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    return save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a UserError naming the file if it is damaged."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing; expected a model directory written by 'rnnmath train'")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e}); it may be truncated or damaged") from None
+    return tensors, metadata
+
+
+def load_weights(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
+    """Copy ``tensors`` into ``model``, checking names and shapes against the config's model first."""
+    expected = model.state_dict()
+    for name, value in expected.items():
+        if name not in tensors:
+            raise UserError(f"{path}: lacks the weight {name!r} that config.json's model needs")
+        if tensors[name].shape != value.shape:
+            raise UserError(f"{path}: weight {name!r} has shape {tuple(tensors[name].shape)}, "
+                            f"but config.json's model needs {tuple(value.shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise UserError(f"{path}: holds the weight {extra[0]!r} that config.json's model does not have")
+    model.load_state_dict({k: tensors[k] for k in expected})
+
+
+def save_weights(directory: Path, model: Classifier) -> None:
+    atomic_write(directory / WEIGHTS, tensors_to_bytes(model.state_dict(), {"format": "rnnmath-weights",
+                                                                             "format_version": str(FORMAT_VERSION)}))
+
+
+def load_model(directory: str | Path) -> TrainedModel:
+    """Rebuild the trained classifier from a model directory (config, vocabulary, labels, weights)."""
+    directory = Path(directory)
+    config, vocab, labels = load_description(directory)
+    model = Classifier(config, len(vocab), len(labels))
+    path = directory / WEIGHTS
+    if not path.is_file() and (directory / CONFIG).is_file():
+        raise UserError(f"{path} is missing: training has not finished its first epoch in {directory}")
+    tensors, _ = read_safetensors(path)
+    load_weights(model, tensors, path)
+    model.eval()
+    return TrainedModel(config, vocab, labels, model)

@@ -1,0 +1,310 @@
+"""Training, evaluation metrics, and the bag-of-words baseline.
+
+The loop in ``train`` reads top to bottom: batch, forward, loss, backward, clip, step; then at the end of
+each epoch evaluate, keep the best weights, checkpoint, and stop early when validation accuracy has not
+improved for ``patience`` epochs.
+
+Reproducibility: the initial weights come from ``torch.manual_seed(seed)``; epoch e visits the training
+sentences in ``randperm`` order drawn from a generator seeded with (seed, e), so the data order needs no
+state; dropout draws from torch's global generator, whose state is checkpointed. A run resumed from any
+checkpoint therefore ends with the same model files as an uninterrupted run (byte for byte on the same
+machine and thread count; other CPUs or thread counts may round differently).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from .data import Examples, Vocabulary, atomic_write, encode, tokenize
+from .errors import UserError
+from .model import (
+    CHECKPOINT,
+    CONFIG,
+    HISTORY,
+    WEIGHTS,
+    Classifier,
+    Config,
+    load_description,
+    load_weights,
+    read_safetensors,
+    save_description,
+    save_weights,
+    tensors_to_bytes,
+    trim,
+    write_json,
+)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was saved; the message says where and how to resume."""
+
+
+# -- metrics -----------------------------------------------------------------------------------------------
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, macro F1 and the confusion matrix
+    (``confusion[i][j]``: examples of class i predicted as class j). A ratio with a zero denominator is 0."""
+    C = len(labels)
+    confusion = [[0] * C for _ in range(C)]
+    for t, p in zip(y_true, y_pred):
+        confusion[t][p] += 1
+    n = len(y_true)
+    per_class = {}
+    for c, label in enumerate(labels):
+        tp = confusion[c][c]
+        predicted = sum(confusion[r][c] for r in range(C))
+        actual = sum(confusion[c])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    return {
+        "n": n,
+        "accuracy": sum(confusion[c][c] for c in range(C)) / n if n else 0.0,
+        "macro_f1": sum(m["f1"] for m in per_class.values()) / C,
+        "per_class": per_class,
+        "labels": list(labels),
+        "confusion": confusion,
+    }
+
+
+def label_indices(examples: Examples, labels: Sequence[str]) -> Tensor:
+    """Class index of each example's label; a label the model does not know is a UserError naming its line."""
+    index = {y: i for i, y in enumerate(labels)}
+    for label, line in zip(examples.labels, examples.lines):
+        if label not in index:
+            raise UserError(f"{examples.source} line {line}: label {label!r} is not one the model was trained "
+                            f"on; expected one of {', '.join(map(repr, labels))}")
+    return torch.tensor([index[y] for y in examples.labels], dtype=torch.long)
+
+
+# -- the checkpoint: one safetensors file, so it is written in one atomic step -----------------------------
+def save_checkpoint(directory: Path, model: Classifier, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Weights, Adam's moment tensors and torch's RNG state as tensors; the loop's scalars (``state``) and
+    Adam's hyper-parameters as JSON in the file's metadata. No pickle."""
+    adam = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, moments in adam["state"].items():
+        for name, value in moments.items():
+            tensors[f"adam.{i}.{name}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()  # uint8
+    scalars = {**state, "adam_param_groups": adam["param_groups"]}
+    metadata = {"format": "rnnmath-checkpoint", "format_version": "1", "state": json.dumps(scalars, sort_keys=True)}
+    atomic_write(directory / CHECKPOINT, tensors_to_bytes(tensors, metadata))
+
+
+def load_checkpoint(directory: Path, model: Classifier, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights, Adam and the RNG from the checkpoint; return the loop's scalars."""
+    path = directory / CHECKPOINT
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("format") != "rnnmath-checkpoint" or metadata.get("format_version") != "1":
+        raise UserError(f"{path}: not an rnnmath checkpoint of format version 1")
+    try:
+        state = json.loads(metadata["state"])
+        load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+        adam_state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, i, name = key.split(".", 2)
+                adam_state.setdefault(int(i), {})[name] = value
+        optimizer.load_state_dict({"state": adam_state, "param_groups": state.pop("adam_param_groups")})
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path}: the checkpoint is damaged ({e!r}); start again without --resume") from None
+    return state
+
+
+def fingerprint(examples: Examples) -> str:
+    """sha256 of the texts and labels, so --resume can tell that it got the same data."""
+    return hashlib.sha256(json.dumps([examples.texts, examples.labels]).encode()).hexdigest()
+
+
+class _StopOnCtrlC:
+    """While active, the first Ctrl-C only sets ``requested``: the loop finishes its step, saves and stops.
+    A second Ctrl-C interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# -- training ----------------------------------------------------------------------------------------------
+def train(
+    config: Config,
+    train_set: Examples,
+    val_set: Examples,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
+    directory ``out`` (see rnnmath.model) and return its history.
+
+    With ``resume`` the run continues from ``out``'s checkpoint: config, vocabulary and labels come from
+    ``out``, and the data must be the same as before.
+    """
+    out = Path(out)
+    if len(val_set) == 0:
+        raise UserError("the validation set is empty; give more data or a --val file")
+    if resume and (out / CHECKPOINT).exists():
+        config, vocab, labels = load_description(out)
+    else:
+        if resume and not (out / CONFIG).exists():
+            raise UserError(f"--resume: {out} holds no run to resume; train without --resume first")
+        if not resume and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
+            raise UserError(f"--out {out} already holds a model; pass --resume to continue it, or another --out")
+        labels = sorted(set(train_set.labels))
+        if len(labels) < 2:
+            raise UserError(f"{train_set.source}: the training data has a single class {labels[0]!r}; "
+                            "expected at least two labels")
+        vocab = Vocabulary.build(train_set.texts, config.vocab_size)
+        out.mkdir(parents=True, exist_ok=True)
+        save_description(out, config, vocab, labels)
+    ids, lengths = encode(train_set.texts, vocab, config.max_len)  # (N, T), (N,)
+    y = label_indices(train_set, labels)  # (N,)
+    val_ids, val_lengths = encode(val_set.texts, vocab, config.max_len)
+    val_y = label_indices(val_set, labels)
+    data_id = fingerprint(Examples.concat([train_set, val_set]))
+
+    torch.manual_seed(config.seed)
+    model = Classifier(config, len(vocab), len(labels))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "best_accuracy": -1.0, "best_epoch": 0,
+             "bad_epochs": 0, "history": [], "done": False, "data": data_id}
+    if resume and (out / CHECKPOINT).exists():
+        state = load_checkpoint(out, model, optimizer)
+        if state["data"] != data_id:
+            raise UserError(f"--resume: the training/validation data differ from those of the run in {out}")
+        if state["done"]:
+            return _finish(out, state, log)
+    batches_per_epoch = math.ceil(len(y) / config.batch_size)
+    bar = tqdm(total=config.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
+               disable=not progress, unit="batch", dynamic_ncols=True, leave=False)
+    with _StopOnCtrlC() as ctrl_c, bar:
+        while state["epoch"] < config.epochs and not state["done"]:
+            epoch = state["epoch"]
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+            batches = order.split(config.batch_size)
+            model.train()
+            bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
+            for b in range(state["batch"], len(batches)):
+                batch_ids, batch_lengths = trim(ids[batches[b]], lengths[batches[b]])
+                if config.word_dropout:
+                    unknown = torch.rand(batch_ids.shape) < config.word_dropout
+                    batch_ids = batch_ids.masked_fill(unknown & (batch_ids > 0), 1)  # UNK, never on PAD
+                log_p = model(batch_ids, batch_lengths)  # (B, C)
+                loss = F.nll_loss(log_p, y[batches[b]])
+                if not torch.isfinite(loss):
+                    raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the loss became "
+                                    f"{loss.item()}; the last good checkpoint in {out} is kept (try a lower --lr)")
+                optimizer.zero_grad()
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                if not torch.isfinite(norm):
+                    raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the gradient became "
+                                    f"{norm.item()}; the last good checkpoint in {out} is kept (try a lower --lr)")
+                optimizer.step()
+                state["loss_sum"] += loss.item() * len(batches[b])
+                state["batch"] = b + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                if ctrl_c.requested:
+                    save_checkpoint(out, model, optimizer, state)
+                    raise Interrupted(f"interrupted at epoch {epoch + 1}, batch {b + 1}: saved a checkpoint in "
+                                      f"{out}; continue with the same command and --resume")
+
+            val_pred = model.log_probs(val_ids, val_lengths).argmax(1)
+            accuracy = (val_pred == val_y).double().mean().item()
+            state["history"].append({"epoch": epoch + 1, "train_loss": state["loss_sum"] / len(y),
+                                     "val_accuracy": accuracy})
+            if accuracy > state["best_accuracy"]:
+                state.update(best_accuracy=accuracy, best_epoch=epoch + 1, bad_epochs=0)
+                save_weights(out, model)
+            else:
+                state["bad_epochs"] += 1
+            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0)
+            state["done"] = state["bad_epochs"] >= config.patience or state["epoch"] >= config.epochs
+            write_json(out / HISTORY, "history", **_history(state))
+            save_checkpoint(out, model, optimizer, state)  # last: the commit point of the epoch
+            bar.set_postfix(loss=f"{state['history'][-1]['train_loss']:.3f}", val_acc=f"{accuracy:.3f}")
+            if log:
+                log(f"epoch {epoch + 1}: loss {state['history'][-1]['train_loss']:.4f}, "
+                    f"validation accuracy {accuracy:.4f}")
+    return _finish(out, state, log)
+
+
+def _history(state: dict) -> dict:
+    return {"epochs": state["history"], "best_epoch": state["best_epoch"],
+            "best_val_accuracy": state["best_accuracy"], "done": state["done"]}
+
+
+def _finish(out: Path, state: dict, log) -> dict:
+    if log and state["bad_epochs"] and state["done"]:
+        log(f"best validation accuracy {state['best_accuracy']:.4f} at epoch {state['best_epoch']}")
+    return _history(state)
+
+
+# -- the bag-of-words baseline -----------------------------------------------------------------------------
+class BagOfWordsLogReg:
+    """Multinomial logistic regression on the binary bag of the N most frequent training words.
+
+    Fitted in torch (float64) by full-batch L-BFGS from zero weights, so it is deterministic. The objective
+    is scikit-learn's default: mean cross-entropy + ||W||² / (2·C·n) with C = 1 (the bias is not penalised).
+    """
+
+    def __init__(self, vocab_size: int = 400, C: float = 1.0, max_iter: int = 500) -> None:
+        self.vocab_size, self.C, self.max_iter = vocab_size, C, max_iter
+
+    def bags(self, texts: Sequence[str]) -> Tensor:
+        x = torch.zeros(len(texts), len(self.vocab) - 2, dtype=torch.float64)  # (N, words)
+        for i, text in enumerate(texts):
+            for w in set(tokenize(text)):
+                j = self.vocab.index.get(w, 0) - 2  # PAD/UNK (ids 0, 1) are not features
+                if j >= 0:
+                    x[i, j] = 1.0
+        return x
+
+    def fit(self, texts: Sequence[str], y: Tensor, num_classes: int) -> BagOfWordsLogReg:
+        self.vocab = Vocabulary.build(texts, self.vocab_size)
+        x = self.bags(texts)
+        self.W = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+        self.b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([self.W, self.b], lr=1, max_iter=self.max_iter, history_size=20,
+                                      tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+        n = len(texts)
+
+        def objective():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(x @ self.W.T + self.b, y) + (self.W**2).sum() / (2 * self.C * n)
+            loss.backward()
+            return loss
+
+        optimizer.step(objective)
+        return self
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str]) -> Tensor:
+        return (self.bags(texts) @ self.W.T + self.b).argmax(1)
