@@ -1,0 +1,290 @@
+"""The fast path: the time loop of each built-in cell as one autograd Function with a hand-derived backward.
+
+Shape letters: T time, B batch, H hidden, G gate rows (H RNN, 4H LSTM, 3H GRU).
+
+The readable loop (:func:`rnnmath.layers.scan` calling ``cell.step``) is the specification; the functions
+here compute the same thing faster and the tests hold them equal. Three things make them fast:
+
+* **Forward**: one pass over time that writes into buffers allocated once for all steps, with the pointwise
+  work done in place on slices. It runs the same floating-point operations in the same order, on operands
+  of the same layout, as ``cell.step`` does, so its values are bit-identical to the readable loop's (and
+  therefore to a traced run). Nothing is recorded for autograd per step.
+* **Backward**: backpropagation through time written out by hand, the math of :mod:`rnnmath.reference`.
+  Only ∂L/∂h_{t-1} = ∂L/∂G_t W_hh (plus the cell's direct paths) is sequential. The gradients of the gate
+  pre-activations ∂L/∂G_t go into one (T, B, G) buffer, from which ∂L/∂W_hh = Σ_t ∂L/∂G_tᵀ h_{t-1} is ONE
+  matrix product over all steps, ∂L/∂b_hh one sum, and ∂L/∂xw is returned whole, so the layer's input
+  projection gets its weight gradient as one product as well.
+* **Lengths**: ``mask`` (T, B, 1) is True while step t is inside sequence b. Outside, the state is carried
+  unchanged and the output is zero, exactly as in ``scan``; in the backward pass the candidate state gets no
+  gradient there and the carried gradient passes straight through.
+
+Limit: the backward pass is not itself differentiable (double backward raises). The readable path supports
+it: set ``layer.fast = False``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# grad ⊙ (1 − y²), grad ⊙ y(1 − y) and grad ⊙ [y > 0] written into a given buffer (the derivative of
+# tanh, sigmoid and relu from their outputs y), each one kernel instead of three
+_tanh_backward = torch.ops.aten.tanh_backward.grad_input
+_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
+_threshold_backward = torch.ops.aten.threshold_backward.grad_input
+
+
+def _plus_bias(xw: Tensor, bias: Tensor | None) -> Tensor:
+    """x_t + b_hh for all steps at once, in a fresh contiguous buffer the forward pass then writes into."""
+    out = torch.empty(xw.shape, dtype=xw.dtype, device=xw.device)  # (T, B, G)
+    return out.copy_(xw) if bias is None else torch.add(xw, bias, out=out)
+
+
+def _weight_grads(ctx, dG: Tensor, h0: Tensor, hs: Tensor, w_index: int):
+    """∂L/∂W_hh = Σ_t ∂L/∂G_tᵀ h_{t-1} as one product over steps 1..T-1 plus step 0, and ∂L/∂b_hh = Σ ∂L/∂G."""
+    dW = db = None
+    if ctx.needs_input_grad[w_index]:
+        G, H = dG.shape[2], hs.shape[2]
+        dW = torch.mm(dG[1:].reshape(-1, G).t(), hs[:-1].reshape(-1, H))  # (G, H)
+        dW.addmm_(dG[0].t(), h0)
+    if ctx.has_bias and ctx.needs_input_grad[w_index + 1]:
+        db = dG.sum((0, 1))  # (G,)
+    return dW, db
+
+
+def _masked_grad(grad_output: Tensor, mask: Tensor | None) -> Tensor:
+    """The output past a sequence's length is the constant 0: whatever gradient arrives there is dropped."""
+    return grad_output if mask is None else grad_output.masked_fill(~mask, 0.0)
+
+
+def _steps(mask: Tensor | None, T: int):
+    """Per-step (keep, drop) masks (B, 1), or Nones without lengths."""
+    if mask is None:
+        return [None] * T, [None] * T
+    return mask.unbind(0), (~mask).unbind(0)
+
+
+class _RNNScan(torch.autograd.Function):
+    """h_t = act(x_t + b_hh + h_{t-1} W_hhᵀ) over all t, with act tanh or relu."""
+
+    @staticmethod
+    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, relu: bool):
+        T = xw.shape[0]
+        hs = _plus_bias(xw, bias_hh)  # (T, B, H): x_t + b_hh, then h_t in place
+        w_t = weight_hh.t()
+        keep, _ = _steps(mask, T)
+        activation_ = torch.relu_ if relu else torch.tanh_
+        h = h0
+        for t, a in enumerate(hs.unbind(0)):
+            activation_(a.addmm_(h, w_t))  # the cell's torch.addmm(x + b_hh, h, W_hhᵀ), then tanh or relu
+            if mask is not None:
+                torch.where(keep[t], a, h, out=a)
+            h = a
+        ctx.save_for_backward(hs, h0, weight_hh, mask)
+        ctx.relu, ctx.has_bias = relu, bias_hh is not None
+        output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
+        return output, h.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_hn):
+        hs, h0, weight_hh, mask = ctx.saved_tensors
+        T = hs.shape[0]
+        keep, drop = _steps(mask, T)
+        grad_output = _masked_grad(grad_output, mask)
+        dG = torch.empty_like(hs)  # (T, B, H): ∂L/∂a_t, the pre-activations
+        dh = grad_hn.clone(memory_format=torch.contiguous_format)  # (B, H): ∂L/∂h_t, carried back
+        back = torch.empty_like(dh) if mask is not None else None
+        for t in reversed(range(T)):
+            dh.add_(grad_output[t])
+            if ctx.relu:
+                _threshold_backward(dh, hs[t], 0, grad_input=dG[t])  # ⊙ [a_t > 0]
+            else:
+                _tanh_backward(dh, hs[t], grad_input=dG[t])  # ⊙ (1 − h_t²)
+            if mask is not None:
+                dG[t].masked_fill_(drop[t], 0.0)
+            if t == 0 and not ctx.needs_input_grad[1]:
+                break
+            if mask is None:
+                torch.mm(dG[t], weight_hh, out=dh)  # ∂L/∂h_{t-1} = ∂L/∂a_t W_hh
+            else:
+                torch.where(keep[t], torch.mm(dG[t], weight_hh, out=back), dh, out=dh)
+        dW, db = _weight_grads(ctx, dG, h0, hs, 2)
+        return dG, dh if ctx.needs_input_grad[1] else None, dW, db, None, None
+
+
+class _LSTMScan(torch.autograd.Function):
+    """i, f, g, o = σ, σ, tanh, σ of (x_t + b_hh + h_{t-1} W_hhᵀ); c_t = f c_{t-1} + i g; h_t = o tanh(c_t)."""
+
+    @staticmethod
+    def forward(ctx, xw, h0, c0, weight_hh, bias_hh, mask):
+        T, B, G = xw.shape
+        H = G // 4
+        gates = _plus_bias(xw, bias_hh)  # (T, B, 4H): x_t + b_hh, then the activated gates in place
+        hs = xw.new_empty(T, B, H)  # (T, B, H)
+        cs = xw.new_empty(T, B, H)  # (T, B, H)
+        fc, ig = xw.new_empty(B, H), xw.new_empty(B, H)  # (B, H) scratch for f ⊙ c and i ⊙ g
+        w_t = weight_hh.t()
+        keep, _ = _steps(mask, T)
+        h, c = h0, c0
+        for t, a in enumerate(gates.unbind(0)):
+            a.addmm_(h, w_t)
+            i, f, g, o = a.chunk(4, dim=1)
+            i.sigmoid_()
+            f.sigmoid_()
+            g.tanh_()
+            o.sigmoid_()
+            c_t = torch.add(torch.mul(f, c, out=fc), torch.mul(i, g, out=ig), out=cs[t])
+            h_t = torch.mul(o, torch.tanh(c_t, out=fc), out=hs[t])
+            if mask is not None:
+                torch.where(keep[t], c_t, c, out=c_t)
+                torch.where(keep[t], h_t, h, out=h_t)
+            h, c = h_t, c_t
+        ctx.save_for_backward(gates, hs, cs, h0, c0, weight_hh, mask)
+        ctx.has_bias = bias_hh is not None
+        output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
+        return output, h.clone(), c.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_hn, grad_cn):
+        gates, hs, cs, h0, c0, weight_hh, mask = ctx.saved_tensors
+        T = gates.shape[0]
+        keep, drop = _steps(mask, T)
+        grad_output = _masked_grad(grad_output, mask)
+        dG = torch.empty_like(gates)  # (T, B, 4H): ∂L/∂ of the gate pre-activations
+        dh = grad_hn.clone(memory_format=torch.contiguous_format)  # (B, H): ∂L/∂h_t, carried back
+        dc = grad_cn.clone(memory_format=torch.contiguous_format)  # (B, H): ∂L/∂c_t, carried back
+        tanh_c, tmp = torch.empty_like(dh), torch.empty_like(dh)  # (B, H) scratch
+        dc_new = torch.empty_like(dh) if mask is not None else dc
+        for t in reversed(range(T)):
+            i, f, g, o = gates[t].chunk(4, dim=1)
+            di, df, dg, do = dG[t].chunk(4, dim=1)
+            c_prev = cs[t - 1] if t > 0 else c0
+            dh.add_(grad_output[t])
+            torch.tanh(cs[t], out=tanh_c)
+            _sigmoid_backward(torch.mul(dh, tanh_c, out=do), o, grad_input=do)  # ∂h/∂o = tanh(c_t)
+            _tanh_backward(torch.mul(dh, o, out=tmp), tanh_c, grad_input=tmp)  # ∂h/∂c_t = o (1 − tanh² c_t)
+            torch.add(dc, tmp, out=dc_new)  # ∂L/∂c_t: from h_t and from c_{t+1}
+            _sigmoid_backward(torch.mul(dc_new, g, out=di), i, grad_input=di)  # ∂c/∂i = g
+            _sigmoid_backward(torch.mul(dc_new, c_prev, out=df), f, grad_input=df)  # ∂c/∂f = c_{t-1}
+            _tanh_backward(torch.mul(dc_new, i, out=dg), g, grad_input=dg)  # ∂c/∂g = i
+            if mask is not None:
+                dG[t].masked_fill_(drop[t], 0.0)
+                torch.where(keep[t], dc_new.mul_(f), dc, out=dc)  # ∂L/∂c_{t-1}, carried where masked
+                if t > 0 or ctx.needs_input_grad[1]:
+                    torch.where(keep[t], torch.mm(dG[t], weight_hh, out=tmp), dh, out=dh)
+            else:
+                dc.mul_(f)  # ∂L/∂c_{t-1} = ∂L/∂c_t ⊙ f
+                if t > 0 or ctx.needs_input_grad[1]:
+                    torch.mm(dG[t], weight_hh, out=dh)  # ∂L/∂h_{t-1} = ∂L/∂G_t W_hh
+        dW, db = _weight_grads(ctx, dG, h0, hs, 3)
+        dh0 = dh if ctx.needs_input_grad[1] else None
+        dc0 = dc if ctx.needs_input_grad[2] else None
+        return dG, dh0, dc0, dW, db, None
+
+
+class _GRUScan(torch.autograd.Function):
+    """r, z = σ(x_{r,z} + h W_{h r,z}ᵀ + b_{h r,z}); n = tanh(x_n + r (h W_hnᵀ + b_hn)); h' = (1 − z) n + z h."""
+
+    @staticmethod
+    def forward(ctx, xw, h0, weight_hh, bias_hh, mask):
+        T, B, G = xw.shape
+        H = G // 3
+        hh = xw.new_empty(T, B, G)  # (T, B, 3H): h_{t-1} W_hhᵀ + b_hh, kept for the backward pass
+        r, z, n, hs = (xw.new_empty(T, B, H) for _ in range(4))  # (T, B, H) each, contiguous per step
+        u, v = xw.new_empty(B, H), xw.new_empty(B, H)  # (B, H) scratch
+        w_t = weight_hh.t()
+        x_r, x_z, x_n = (x.unbind(0) for x in xw.chunk(3, dim=2))
+        keep, _ = _steps(mask, T)
+        h = h0
+        for t in range(T):
+            # the cell's F.linear(h, W_hh, b_hh) is addmm(b_hh, h, W_hhᵀ), or mm without a bias
+            if bias_hh is None:
+                torch.mm(h, w_t, out=hh[t])
+            else:
+                torch.addmm(bias_hh, h, w_t, out=hh[t])
+            h_r, h_z, h_n = hh[t].chunk(3, dim=1)
+            torch.add(x_r[t], h_r, out=r[t]).sigmoid_()
+            torch.add(x_z[t], h_z, out=z[t]).sigmoid_()
+            torch.add(x_n[t], torch.mul(r[t], h_n, out=u), out=n[t]).tanh_()
+            h_t = torch.add(torch.neg(z[t], out=u).add_(1).mul_(n[t]), torch.mul(z[t], h, out=v), out=hs[t])
+            if mask is not None:
+                torch.where(keep[t], h_t, h, out=h_t)
+            h = h_t
+        ctx.save_for_backward(hh, r, z, n, hs, h0, weight_hh, mask)
+        ctx.has_bias = bias_hh is not None
+        output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
+        return output, h.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_hn):
+        hh, r, z, n, hs, h0, weight_hh, mask = ctx.saved_tensors
+        T, B, G = hh.shape
+        H = G // 3
+        keep, drop = _steps(mask, T)
+        grad_output = _masked_grad(grad_output, mask)
+        dx = torch.empty_like(hh)  # (T, B, 3H): ∂L/∂ of x_t's part of each gate pre-activation
+        dhh = torch.empty_like(hh)  # (T, B, 3H): ∂L/∂(h_{t-1} W_hhᵀ + b_hh)
+        dh = grad_hn.clone(memory_format=torch.contiguous_format)  # (B, H): ∂L/∂h_t, carried back
+        u, back = torch.empty_like(dh), torch.empty_like(dh)  # (B, H) scratch
+        for t in reversed(range(T)):
+            dx_r, dx_z, dx_n = dx[t].chunk(3, dim=1)
+            h_n = hh[t, :, 2 * H :]
+            h_prev = hs[t - 1] if t > 0 else h0
+            dh.add_(grad_output[t])
+            # ∂L/∂n = ∂L/∂h ⊙ (1 − z), through tanh
+            _tanh_backward(torch.neg(z[t], out=u).add_(1).mul_(dh), n[t], grad_input=dx_n)
+            # ∂L/∂z = ∂L/∂h ⊙ (h_{t-1} − n), through σ
+            _sigmoid_backward(torch.sub(h_prev, n[t], out=u).mul_(dh), z[t], grad_input=dx_z)
+            # ∂L/∂r = ∂L/∂n_pre ⊙ (h W_hnᵀ + b_hn), through σ
+            _sigmoid_backward(torch.mul(dx_n, h_n, out=u), r[t], grad_input=dx_r)
+            dhh[t, :, : 2 * H].copy_(dx[t, :, : 2 * H])
+            torch.mul(dx_n, r[t], out=dhh[t, :, 2 * H :])  # r multiplies the recurrent part of n
+            if mask is not None:
+                dx[t].masked_fill_(drop[t], 0.0)
+                dhh[t].masked_fill_(drop[t], 0.0)
+            if t == 0 and not ctx.needs_input_grad[1]:
+                break
+            # ∂L/∂h_{t-1} = ∂L/∂h ⊙ z + ∂L/∂hh_t W_hh
+            if mask is None:
+                torch.addmm(torch.mul(dh, z[t], out=u), dhh[t], weight_hh, out=dh)
+            else:
+                new = torch.addmm(torch.mul(dh, z[t], out=u), dhh[t], weight_hh, out=back)
+                torch.where(keep[t], new, dh, out=dh)
+        dW, db = _weight_grads(ctx, dhh, h0, hs, 2)
+        return dx, dh if ctx.needs_input_grad[1] else None, dW, db, None
+
+
+def _empty_scan(xw: Tensor, state, hidden_size: int):
+    """Zero steps: no output, the initial state unchanged (as the readable loop)."""
+    return xw.new_zeros(0, xw.shape[1], hidden_size), state
+
+
+def rnn_scan(p: dict, xw: Tensor, state, mask: Tensor | None, nonlinearity: str = "tanh"):
+    """The Elman RNN's time loop; same contract as :func:`rnnmath.layers.scan`."""
+    H = p["weight_hh"].shape[1]
+    if xw.shape[0] == 0:
+        return _empty_scan(xw, state, H)
+    output, h = _RNNScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, nonlinearity == "relu")
+    return output, type(state)(h)
+
+
+def lstm_scan(p: dict, xw: Tensor, state, mask: Tensor | None):
+    """The LSTM's time loop; same contract as :func:`rnnmath.layers.scan`."""
+    H = p["weight_hh"].shape[1]
+    if xw.shape[0] == 0:
+        return _empty_scan(xw, state, H)
+    output, h, c = _LSTMScan.apply(xw, state.h, state.c, p["weight_hh"], p["bias_hh"], mask)
+    return output, type(state)(h, c)
+
+
+def gru_scan(p: dict, xw: Tensor, state, mask: Tensor | None):
+    """The GRU's time loop; same contract as :func:`rnnmath.layers.scan`."""
+    H = p["weight_hh"].shape[1]
+    if xw.shape[0] == 0:
+        return _empty_scan(xw, state, H)
+    output, h = _GRUScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask)
+    return output, type(state)(h)
