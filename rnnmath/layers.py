@@ -287,6 +287,11 @@ class Recurrent(nn.Module):
             finally:
                 cell._recorder = None
         fast_scan = getattr(cell, "fast_scan", None)
+        # autograd.Function fast paths run neither under torch.func transforms (no setup_context/vmap rule)
+        # nor under torch.compile (out= kernels); there the readable loop, which both handle, runs instead
+        transformed = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+        if transformed and not cell.fast_scan_composable:
+            fast_scan = None
         if self.fast and fast_scan is not None and not regularise:
             return fast_scan(p, xw, state, mask)
         return scan(cell, p, xw, state, mask, **regularise)
