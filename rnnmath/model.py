@@ -270,12 +270,19 @@ def load_description(directory: Path) -> tuple[Config, Vocabulary, list[str]]:
     return config, vocab, labels
 
 
-def tensors_to_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    return save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
+def write_safetensors(path: Path, kind: str, tensors: dict[str, Tensor], **content: Any) -> None:
+    """Write tensors atomically, with ``{"format": "rnnmath-<kind>", "format_version": 1, ...content}`` as
+    JSON under the one metadata key "rnnmath" (one key: safetensors does not keep the order of several, and
+    the file must be byte-for-byte reproducible)."""
+    document = {"format": f"rnnmath-{kind}", "format_version": FORMAT_VERSION, **content}
+    blob = save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()},
+                            metadata={"rnnmath": json.dumps(document, sort_keys=True)})
+    atomic_write(path, blob)
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; a UserError naming the file if it is damaged."""
+def read_safetensors(path: Path, kind: str) -> tuple[dict[str, Tensor], dict]:
+    """Tensors and metadata document of a file written by ``write_safetensors``; a UserError naming the
+    file if it is missing, damaged or of another format."""
     if not path.is_file():
         raise UserError(f"{path} is missing; expected a model directory written by 'rnnmath train'")
     try:
@@ -284,7 +291,16 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e}); it may be truncated or damaged") from None
-    return tensors, metadata
+    try:
+        document = json.loads(metadata.get("rnnmath", ""))
+    except json.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict) or document.get("format") != f"rnnmath-{kind}":
+        raise UserError(f"{path}: not an rnnmath {kind} file (its metadata lacks \"format\": \"rnnmath-{kind}\")")
+    if document.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {document.get('format_version')!r} is not supported "
+                        f"(this rnnmath reads version {FORMAT_VERSION})")
+    return tensors, document
 
 
 def load_weights(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
@@ -303,8 +319,7 @@ def load_weights(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> No
 
 
 def save_weights(directory: Path, model: Classifier) -> None:
-    atomic_write(directory / WEIGHTS, tensors_to_bytes(model.state_dict(), {"format": "rnnmath-weights",
-                                                                             "format_version": str(FORMAT_VERSION)}))
+    write_safetensors(directory / WEIGHTS, "weights", model.state_dict())
 
 
 def load_model(directory: str | Path) -> TrainedModel:
@@ -315,7 +330,7 @@ def load_model(directory: str | Path) -> TrainedModel:
     path = directory / WEIGHTS
     if not path.is_file() and (directory / CONFIG).is_file():
         raise UserError(f"{path} is missing: training has not finished its first epoch in {directory}")
-    tensors, _ = read_safetensors(path)
+    tensors, _ = read_safetensors(path, "weights")
     load_weights(model, tensors, path)
     model.eval()
     return TrainedModel(config, vocab, labels, model)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .data import Examples, Vocabulary, atomic_write, encode, tokenize
+from . import distributed
+from .data import Examples, Vocabulary, encode, tokenize
 from .errors import UserError
 from .model import (
     CHECKPOINT,
@@ -39,9 +40,9 @@ from .model import (
     read_safetensors,
     save_description,
     save_weights,
-    tensors_to_bytes,
     trim,
     write_json,
+    write_safetensors,
 )
 
 
@@ -90,33 +91,30 @@ def label_indices(examples: Examples, labels: Sequence[str]) -> Tensor:
 # -- the checkpoint: one safetensors file, so it is written in one atomic step -----------------------------
 def save_checkpoint(directory: Path, model: Classifier, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Weights, Adam's moment tensors and torch's RNG state as tensors; the loop's scalars (``state``) and
-    Adam's hyper-parameters as JSON in the file's metadata. No pickle."""
+    Adam's hyper-parameters as JSON in the file's metadata. Nothing is pickled."""
     adam = optimizer.state_dict()
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for i, moments in adam["state"].items():
         for name, value in moments.items():
             tensors[f"adam.{i}.{name}"] = value
     tensors["rng.torch"] = torch.get_rng_state()  # uint8
-    scalars = {**state, "adam_param_groups": adam["param_groups"]}
-    metadata = {"format": "rnnmath-checkpoint", "format_version": "1", "state": json.dumps(scalars, sort_keys=True)}
-    atomic_write(directory / CHECKPOINT, tensors_to_bytes(tensors, metadata))
+    write_safetensors(directory / CHECKPOINT, "checkpoint", tensors, state=state,
+                      adam_param_groups=adam["param_groups"])
 
 
 def load_checkpoint(directory: Path, model: Classifier, optimizer: torch.optim.Optimizer) -> dict:
     """Restore weights, Adam and the RNG from the checkpoint; return the loop's scalars."""
     path = directory / CHECKPOINT
-    tensors, metadata = read_safetensors(path)
-    if metadata.get("format") != "rnnmath-checkpoint" or metadata.get("format_version") != "1":
-        raise UserError(f"{path}: not an rnnmath checkpoint of format version 1")
+    tensors, document = read_safetensors(path, "checkpoint")
     try:
-        state = json.loads(metadata["state"])
+        state = document["state"]
         load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
         adam_state: dict[int, dict[str, Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("adam."):
                 _, i, name = key.split(".", 2)
                 adam_state.setdefault(int(i), {})[name] = value
-        optimizer.load_state_dict({"state": adam_state, "param_groups": state.pop("adam_param_groups")})
+        optimizer.load_state_dict({"state": adam_state, "param_groups": document["adam_param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise UserError(f"{path}: the checkpoint is damaged ({e!r}); start again without --resume") from None
@@ -130,10 +128,17 @@ def fingerprint(examples: Examples) -> str:
 
 class _StopOnCtrlC:
     """While active, the first Ctrl-C only sets ``requested``: the loop finishes its step, saves and stops.
-    A second Ctrl-C interrupts at once."""
+    A second Ctrl-C interrupts at once. Not ``enabled`` (several processes: the others' part of the epoch
+    cannot be saved), the first Ctrl-C interrupts at once and the epoch's checkpoint stands."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
 
     def __enter__(self):
         self.requested = False
+        self.previous = None
+        if not self.enabled:
+            return self
         try:
             self.previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread: signals cannot be caught here
@@ -165,8 +170,13 @@ def train(
 
     With ``resume`` the run continues from ``out``'s checkpoint: config, vocabulary and labels come from
     ``out``, and the data must be the same as before.
+
+    Run by several processes (torchrun, see rnnmath.distributed), each reads its share of every batch,
+    DDP averages the gradients, and only rank 0 reports progress and writes ``out``.
     """
     out = Path(out)
+    if not distributed.is_main():
+        progress, log = False, None
     if len(val_set) == 0:
         raise UserError("the validation set is empty; give more data or a --val file")
     if resume and (out / CHECKPOINT).exists():
@@ -181,8 +191,10 @@ def train(
             raise UserError(f"{train_set.source}: the training data has a single class {labels[0]!r}; "
                             "expected at least two labels")
         vocab = Vocabulary.build(train_set.texts, config.vocab_size)
-        out.mkdir(parents=True, exist_ok=True)
-        save_description(out, config, vocab, labels)
+        distributed.barrier()  # every process has checked --out before rank 0 writes to it
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            save_description(out, config, vocab, labels)
     ids, lengths = encode(train_set.texts, vocab, config.max_len)  # (N, T), (N,)
     y = label_indices(train_set, labels)  # (N,)
     val_ids, val_lengths = encode(val_set.texts, vocab, config.max_len)
@@ -200,34 +212,37 @@ def train(
             raise UserError(f"--resume: the training/validation data differ from those of the run in {out}")
         if state["done"]:
             return _finish(out, state, log)
-    batches_per_epoch = math.ceil(len(y) / config.batch_size)
+    net = distributed.wrap(model)  # DDP over several processes; the model itself when alone
+    batches_per_epoch = math.ceil(len(y) / (config.batch_size * distributed.world_size()))
     bar = tqdm(total=config.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
                disable=not progress, unit="batch", dynamic_ncols=True, leave=False)
-    with _StopOnCtrlC() as ctrl_c, bar:
+    with _StopOnCtrlC(enabled=distributed.world_size() == 1) as ctrl_c, bar:
         while state["epoch"] < config.epochs and not state["done"]:
             epoch = state["epoch"]
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-            batches = order.split(config.batch_size)
+            batches = distributed.shard(order, config.batch_size)  # this process's rows of each step
+            distributed.seed_dropout(config.seed, epoch)
             model.train()
             bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
             for b in range(state["batch"], len(batches)):
-                batch_ids, batch_lengths = trim(ids[batches[b]], lengths[batches[b]])
+                rows, weight, count = batches[b]
+                batch_ids, batch_lengths = trim(ids[rows], lengths[rows])
                 if config.word_dropout:
                     unknown = torch.rand(batch_ids.shape) < config.word_dropout
                     batch_ids = batch_ids.masked_fill(unknown & (batch_ids > 0), 1)  # UNK, never on PAD
-                log_p = model(batch_ids, batch_lengths)  # (B, C)
-                loss = F.nll_loss(log_p, y[batches[b]])
+                log_p = net(batch_ids, batch_lengths)  # (B, C)
+                loss = F.nll_loss(log_p, y[rows])
                 if not torch.isfinite(loss):
                     raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the loss became "
                                     f"{loss.item()}; the last good checkpoint in {out} is kept (try a lower --lr)")
                 optimizer.zero_grad()
-                loss.backward()
+                (loss * weight).backward()  # weight 1 alone; see rnnmath.distributed for several processes
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
                 if not torch.isfinite(norm):
                     raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the gradient became "
                                     f"{norm.item()}; the last good checkpoint in {out} is kept (try a lower --lr)")
                 optimizer.step()
-                state["loss_sum"] += loss.item() * len(batches[b])
+                state["loss_sum"] += loss.item() * count
                 state["batch"] = b + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
@@ -236,19 +251,24 @@ def train(
                     raise Interrupted(f"interrupted at epoch {epoch + 1}, batch {b + 1}: saved a checkpoint in "
                                       f"{out}; continue with the same command and --resume")
 
-            val_pred = model.log_probs(val_ids, val_lengths).argmax(1)
-            accuracy = (val_pred == val_y).double().mean().item()
-            state["history"].append({"epoch": epoch + 1, "train_loss": state["loss_sum"] / len(y),
+            val_rows = distributed.rows(len(val_y))  # this process's share of the validation set (all alone)
+            val_pred = model.log_probs(val_ids[val_rows], val_lengths[val_rows]).argmax(1)
+            accuracy = distributed.mean((val_pred == val_y[val_rows]).double())
+            (loss_sum,) = distributed.total(state["loss_sum"])
+            state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / len(y),
                                      "val_accuracy": accuracy})
             if accuracy > state["best_accuracy"]:
                 state.update(best_accuracy=accuracy, best_epoch=epoch + 1, bad_epochs=0)
-                save_weights(out, model)
+                if distributed.is_main():
+                    save_weights(out, model)
             else:
                 state["bad_epochs"] += 1
             state.update(epoch=epoch + 1, batch=0, loss_sum=0.0)
             state["done"] = state["bad_epochs"] >= config.patience or state["epoch"] >= config.epochs
-            write_json(out / HISTORY, "history", **_history(state))
-            save_checkpoint(out, model, optimizer, state)  # last: the commit point of the epoch
+            if distributed.is_main():  # the one writer; the others wait at the barrier
+                write_json(out / HISTORY, "history", **_history(state))
+                save_checkpoint(out, model, optimizer, state)  # last: the commit point of the epoch
+            distributed.barrier()
             bar.set_postfix(loss=f"{state['history'][-1]['train_loss']:.3f}", val_acc=f"{accuracy:.3f}")
             if log:
                 log(f"epoch {epoch + 1}: loss {state['history'][-1]['train_loss']:.4f}, "

@@ -1,0 +1,281 @@
+"""Readers, tokenizer, vocabulary, encoding, splits, the dataset registry and the demo task."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnmath import data
+from rnnmath.data import Examples, Vocabulary, encode, read_examples, stratified_split, tokenize
+from rnnmath.errors import UserError
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+UCI = SHARED / "sentiment_labelled_sentences"
+needs_shared = pytest.mark.skipif(not UCI.is_dir(), reason="../shared/data is not present")
+
+
+def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return path
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------------
+def test_tokenize_lowercases_and_keeps_apostrophes_and_digits():
+    assert tokenize("Don't STOP!! It's 42x...") == ["don't", "stop", "it's", "42x"]
+    assert tokenize("café\u2028naïve\x85end") == ["caf", "na", "ve", "end"]
+    assert tokenize("") == [] and tokenize("?!  \t") == []
+
+
+# -- headerless TSV, the UCI format ------------------------------------------------------------------------
+def test_headerless_tsv_with_uci_quirks(tmp_path):
+    content = (
+        'Great phone "really" works   \t1\n'           # quotes, trailing spaces before the TAB
+        "Bad\x85really bad\u2028awful\t0\n"            # characters str.splitlines() breaks on
+        '"Unclosed quote does not swallow\t1\n'
+        "\n"                                           # blank lines are ignored
+        "Windows line\t0\r\n"
+    )
+    examples = read_examples(write(tmp_path, "uci.txt", content))
+    assert examples.texts == ['Great phone "really" works', "Bad\x85really bad\u2028awful",
+                              '"Unclosed quote does not swallow', "Windows line"]
+    assert examples.labels == ["1", "0", "1", "0"]
+    assert examples.lines == [1, 2, 3, 5]
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["amazon_cells_labelled.txt", "yelp_labelled.txt"])
+def test_real_uci_files(name):
+    examples = read_examples(UCI / name)
+    assert len(examples) == 1000
+    assert Counter(examples.labels) == {"0": 500, "1": 500}
+    assert all(t == t.strip() and t for t in examples.texts)
+    # a csv reader with default quoting would merge lines at the stray quotes; we keep one record a line
+    assert examples.lines == list(range(1, 1001))
+
+
+@needs_shared
+def test_real_uci_facts_from_sources_md():
+    examples = Examples.concat([read_examples(UCI / "amazon_cells_labelled.txt"),
+                                read_examples(UCI / "yelp_labelled.txt")])
+    vocab = Vocabulary.build(examples.texts, 400)
+    ids, lengths = encode(examples.texts, vocab, 30)
+    assert (lengths == 0).sum() == 0
+    covered = sum(1 for t in examples.texts for w in tokenize(t) if w in vocab.index)
+    total = sum(len(tokenize(t)) for t in examples.texts)
+    assert 0.70 < covered / total < 0.80  # "the top-400 words cover about 72% of tokens"
+    assert (ids == 1).any()  # UNK
+    all_unknown = [(row[:n] == 1).all() for row, n in zip(ids, lengths)]
+    assert any(all_unknown)  # "some sentences contain no top-400 word at all"
+
+
+# -- TSV/CSV with a header, JSON Lines ---------------------------------------------------------------------
+def test_tsv_with_header_and_configurable_columns(tmp_path):
+    path = write(tmp_path, "d.tsv", "id\tsentiment\tsentence\n7\tpos\tnice one\n8\tneg\tnope\n")
+    examples = read_examples(path, text_column="sentence", label_column="sentiment")
+    assert examples.texts == ["nice one", "nope"] and examples.labels == ["pos", "neg"]
+    assert examples.lines == [2, 3]
+
+
+def test_csv_with_quoting_and_bom(tmp_path):
+    content = '\ufefftext,label\n"hello, world",yes\n"two\nlines",no\nplain \u2028 sep,yes\n'
+    examples = read_examples(write(tmp_path, "d.csv", content))
+    assert examples.texts == ["hello, world", "two\nlines", "plain \u2028 sep"]
+    assert examples.labels == ["yes", "no", "yes"]
+    assert examples.lines == [2, 3, 5]
+
+
+def test_csv_missing_column_lists_columns_found(tmp_path):
+    path = write(tmp_path, "d.csv", "sentence,label\nhi,1\n")
+    with pytest.raises(UserError, match=r"d.csv line 1: .*no column 'text'; found 'sentence', 'label'"):
+        read_examples(path)
+
+
+def test_jsonl_with_string_and_int_labels(tmp_path):
+    lines = [json.dumps({"text": "good", "label": 1}), json.dumps({"text": "bad", "label": "0", "x": 3}),
+             json.dumps({"body": "ok", "y": "neutral"})]
+    examples = read_examples(write(tmp_path, "d.jsonl", "\n".join(lines[:2]) + "\n"))
+    assert examples.texts == ["good", "bad"] and examples.labels == ["1", "0"]
+    other = read_examples(write(tmp_path, "o.jsonl", lines[2]), text_column="body", label_column="y")
+    assert other.labels == ["neutral"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.txt", "ok\t1\nno label here\nok\t0\n", r"a.txt line 2: expected 'sentence<TAB>label'.*found 1 field"),
+    ("b.txt", "ok\t1\nextra\t1\t2\n", r"b.txt line 2: .*found 3 field"),
+    ("c.txt", "ok\t1\nempty label\t \n", r"c.txt line 2: expected a label"),
+    ("d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": \n', r"d.jsonl line 2: .*broken JSON"),
+    ("e.jsonl", '{"text": "a"}\n', r"e.jsonl line 1: expected key 'label'"),
+    ("f.jsonl", '[1, 2]\n', r"f.jsonl line 1: expected a JSON object"),
+    ("g.jsonl", '{"text": "a", "label": 1.5}\n', r"g.jsonl line 1: .*string or integer"),
+    ("h.csv", 'text,label\na,1\nb,1,2\n', r"h.csv line 3: expected 2 comma-separated"),
+])
+def test_bad_records_name_file_and_line(tmp_path, name, content, message):
+    with pytest.raises(UserError, match=message):
+        read_examples(write(tmp_path, name, content))
+
+
+def test_skip_bad_lines_counts_them(tmp_path):
+    path = write(tmp_path, "s.txt", "ok\t1\nbroken\nfine\t0\nalso\tbroken\tyes\n")
+    examples = read_examples(path, on_bad_line="skip")
+    assert examples.texts == ["ok", "fine"] and examples.skipped == [2, 4]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no examples"),
+    (b"\n\n", "holds no examples"),
+    (b"ok\t1\n\xff\xfe bad\t0\n", r"line 2: byte 0xff is not valid UTF-8"),
+    (b"\x00\x01\x02binary", "NUL byte"),
+])
+def test_unusable_files(tmp_path, content, message):
+    with pytest.raises(UserError, match=message):
+        read_examples(write(tmp_path, "x.txt", content))
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        read_examples(tmp_path / "nope.txt")
+    with pytest.raises(UserError, match="is a directory"):
+        read_examples(tmp_path)
+
+
+# -- vocabulary and encoding -------------------------------------------------------------------------------
+def test_vocabulary_most_frequent_with_alphabetic_ties():
+    texts = ["b a c", "a b", "d a", "c"]  # a:3, b:2, c:2, d:1
+    vocab = Vocabulary.build(texts, 3)
+    assert vocab.words == [data.PAD, data.UNK, "a", "b", "c"]
+    assert len(vocab) == 5
+    assert vocab.ids("A d zebra c") == [2, 1, 1, 4]
+    assert Vocabulary.build(list(reversed(texts)), 3).words == vocab.words
+
+
+def test_encode_pads_truncates_and_keeps_lengths():
+    vocab = Vocabulary(["x", "y"])
+    ids, lengths = encode(["x y x y", "y", "", "?? !!"], vocab, max_len=3)
+    assert ids.tolist() == [[2, 3, 2], [3, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert lengths.tolist() == [3, 1, 0, 0]
+    assert ids.dtype == lengths.dtype == torch.long
+
+
+# -- split -------------------------------------------------------------------------------------------------
+def test_stratified_split_is_seeded_disjoint_and_proportional():
+    labels = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
+    parts = stratified_split(labels, [0.8, 0.1, 0.1], seed=3)
+    assert sorted(i for p in parts for i in p) == list(range(100))
+    assert [Counter(labels[i] for i in p) for p in parts] == [
+        {"a": 40, "b": 24, "c": 16}, {"a": 5, "b": 3, "c": 2}, {"a": 5, "b": 3, "c": 2}]
+    assert stratified_split(labels, [0.8, 0.1, 0.1], seed=3) == parts
+    assert stratified_split(labels, [0.8, 0.1, 0.1], seed=4) != parts
+
+
+# -- datasets ----------------------------------------------------------------------------------------------
+def test_registry_has_uci_and_tiny_shakespeare():
+    uci = data.DATASETS["sentiment-labelled-sentences"]
+    assert uci.url == "https://archive.ics.uci.edu/static/public/331/sentiment+labelled+sentences.zip"
+    shakespeare = data.DATASETS["tiny-shakespeare"]
+    assert shakespeare.sha256 == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+@needs_shared
+def test_offline_copy_is_verified_and_used():
+    for name in data.DATASETS:
+        assert data.locate(name, data_dir=SHARED) == SHARED
+
+
+def test_offline_copy_with_wrong_bytes_is_refused(tmp_path):
+    target = tmp_path / "tinyshakespeare" / "input.txt"
+    target.parent.mkdir()
+    target.write_text("not shakespeare")
+    with pytest.raises(UserError, match="not usable: .*has sha256"):
+        data.locate("tiny-shakespeare", data_dir=tmp_path)
+
+
+def _fake_uci(tmp_path: Path) -> tuple[data.RemoteDataset, bytes]:
+    """The UCI registry entry pointing at a zip built here (file:// URL), same layout as the real one."""
+    members = {"amazon_cells_labelled.txt": b"Good\t1\n", "yelp_labelled.txt": b"Bad\t0\n",
+               "imdb_labelled.txt": b"Meh\t0\n", "readme.txt": b"read me\n"}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(f"sentiment labelled sentences/{name}", content)
+        archive.writestr("__MACOSX/sentiment labelled sentences/._readme.txt", b"junk")
+    blob = buffer.getvalue()
+    (tmp_path / "archive.zip").write_bytes(blob)
+    real = data.DATASETS["sentiment-labelled-sentences"]
+    files = tuple(replace(f, sha256=hashlib.sha256(members[f.member]).hexdigest()) for f in real.files)
+    fake = replace(real, url=(tmp_path / "archive.zip").as_uri(), sha256=hashlib.sha256(blob).hexdigest(), files=files)
+    return fake, blob
+
+
+def test_download_verifies_and_extracts_into_cache(tmp_path, monkeypatch):
+    fake, _ = _fake_uci(tmp_path)
+    monkeypatch.setitem(data.DATASETS, fake.name, fake)
+    monkeypatch.delenv("RNNMATH_DATA_DIR", raising=False)
+    cache = tmp_path / "cache"
+    root = data.locate(fake.name, cache_dir=cache)
+    assert root == cache
+    assert (cache / "sentiment_labelled_sentences" / "amazon_cells_labelled.txt").read_bytes() == b"Good\t1\n"
+    assert not list(cache.rglob("*.tmp"))
+    # a second call finds the verified copy and does not download again
+    monkeypatch.setitem(data.DATASETS, fake.name, replace(fake, url="file:///nonexistent.zip"))
+    assert data.locate(fake.name, cache_dir=cache) == cache
+
+
+def test_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    fake, _ = _fake_uci(tmp_path)
+    monkeypatch.setitem(data.DATASETS, fake.name, replace(fake, sha256="0" * 64))
+    monkeypatch.delenv("RNNMATH_DATA_DIR", raising=False)
+    with pytest.raises(UserError, match="downloaded sha256 .* expected 0000"):
+        data.locate(fake.name, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "sentiment_labelled_sentences").exists()
+
+
+def test_download_failure_suggests_offline_copy(tmp_path, monkeypatch):
+    fake = replace(data.DATASETS["tiny-shakespeare"], url=(tmp_path / "missing.txt").as_uri())
+    monkeypatch.setitem(data.DATASETS, fake.name, fake)
+    monkeypatch.delenv("RNNMATH_DATA_DIR", raising=False)
+    with pytest.raises(UserError, match="could not download .*--data-dir or RNNMATH_DATA_DIR"):
+        data.locate(fake.name, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.skipif(os.environ.get("RNNMATH_NETWORK") != "1",
+                    reason="downloads from the internet; set RNNMATH_NETWORK=1")
+@pytest.mark.parametrize("name", list(data.DATASETS))
+def test_real_download(tmp_path, name, monkeypatch):
+    monkeypatch.delenv("RNNMATH_DATA_DIR", raising=False)
+    assert not data.check_copy(data.DATASETS[name], data.locate(name, cache_dir=tmp_path))
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "sub" / "f.bin"
+    data.atomic_write(path, b"one")
+    data.atomic_write(path, b"two")
+    assert path.read_bytes() == b"two"
+    assert [p.name for p in path.parent.iterdir()] == ["f.bin"]
+
+
+# -- the demo task -----------------------------------------------------------------------------------------
+def test_order_task_is_seeded_and_has_twins_with_opposite_labels():
+    task = data.make_order_task(400, seed=1)
+    assert task.texts == data.make_order_task(400, seed=1).texts
+    assert task.texts != data.make_order_task(400, seed=2).texts
+    assert set(task.labels) == {"positive", "negative"}
+    assert 0.4 < Counter(task.labels)["positive"] / 400 < 0.6
+    labels_by_bag: dict[tuple, set] = {}
+    for text, label in zip(task.texts, task.labels):
+        labels_by_bag.setdefault(tuple(sorted(tokenize(text))), set()).add(label)
+    twins = sum(len(labels) == 2 for labels in labels_by_bag.values())
+    assert twins > 50
+    index = task.texts.index(next(t for t in task.texts if " but " in t))
+    a, b = task.texts[index].split(" was ")[1].split(" but ")
+    twin = task.texts[index].replace(f"{a} but {b}", f"{b} but {a}")
+    assert task.texts[index + 1] == twin and task.labels[index + 1] != task.labels[index]
