@@ -357,12 +357,18 @@ class Trace:
     input's time axis — for the reverse direction too. Steps past a sequence's length are NaN and
     ``valid`` (T, B) is False there: nothing is computed for them, so nothing is shown.
     Tensors are detached copies of the values the layer computed; the layer's results are unchanged.
+
+    With ``keep_graph=True`` nothing is detached, and ``steps[k, d]`` holds the per-step dicts of the very
+    tensors the loop used, in the order it ran them (the reverse direction from each sequence's end): pass
+    ``[s["h"] for s in steps[k, d]]`` to ``torch.autograd.grad`` to get ∂L/∂h_t through all later steps.
     """
 
-    def __init__(self, layer: Recurrent) -> None:
+    def __init__(self, layer: Recurrent, keep_graph: bool = False) -> None:
         self.layer = layer
+        self.keep_graph = keep_graph
         self._recorders: dict[tuple[int, int], _StepRecorder] = {}
         self.values: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self.steps: dict[tuple[int, int], list[dict[str, Tensor]]] = {}
         self.valid: Tensor | None = None
 
     def recorder(self, k: int, d: int) -> _StepRecorder:
@@ -378,11 +384,13 @@ class Trace:
             names = rec.steps[0].keys() if rec.steps else ()
             values = {}
             for name in names:
-                v = torch.stack([s[name].detach() for s in rec.steps])  # (T, B, H), time as the loop ran
+                v = torch.stack([s[name] if self.keep_graph else s[name].detach() for s in rec.steps])  # (T, B, H)
                 if d == 1:
                     v = reverse_padded(v, lengths)
                 values[name] = v.masked_fill(~valid.unsqueeze(2), float("nan"))
             self.values[k, d] = values
+            if self.keep_graph:
+                self.steps[k, d] = rec.steps
         self._recorders = {}
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Tensor]:
@@ -390,7 +398,7 @@ class Trace:
 
 
 @contextmanager
-def trace(layer: Recurrent) -> Iterator[Trace]:
+def trace(layer: Recurrent, keep_graph: bool = False) -> Iterator[Trace]:
     """Record states and gates of every layer, direction and step while running `layer` (the last call wins)::
 
         with rnnmath.trace(model.rnn) as tr:
@@ -398,11 +406,12 @@ def trace(layer: Recurrent) -> Iterator[Trace]:
         tr[0, 0]["h"], tr[0, 0]["f"]          # (T, B, H) each
 
     Tracing only keeps references to tensors the layer computes anyway: results are bit-identical with it on
-    or off, and off it costs one attribute test per step.
+    or off, and off it costs one attribute test per step. ``keep_graph=True`` keeps the recorded tensors in
+    autograd's graph (see :class:`Trace`), for gradients with respect to h_t.
     """
     if not isinstance(layer, Recurrent):
         raise TypeError(f"trace() takes an rnnmath layer (Recurrent), got {type(layer).__name__}")
-    t = Trace(layer)
+    t = Trace(layer, keep_graph)
     layer._trace = t
     try:
         yield t
