@@ -18,21 +18,36 @@ here compute the same thing faster and the tests hold them equal. Three things m
   unchanged and the output is zero, exactly as in ``scan``; in the backward pass the candidate state gets no
   gradient there and the carried gradient passes straight through.
 
-Limit: the backward pass is not itself differentiable (double backward raises). The readable path supports
-it: set ``layer.fast = False``.
+Limit: the backward pass is not itself differentiable: a backward with ``create_graph=True`` (double
+backward, gradient penalties) raises a RuntimeError rather than silently miss terms. The readable path
+supports it: set ``layer.fast = False``.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 # grad ⊙ (1 − y²), grad ⊙ y(1 − y) and grad ⊙ [y > 0] written into a given buffer (the derivative of
 # tanh, sigmoid and relu from their outputs y), each one kernel instead of three
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
+
+
+def first_order_only(backward):
+    """Refuse to build a graph of the backward pass (create_graph=True): it would silently miss terms."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the fast path of rnnmath's layers has no double backward (create_graph=True): "
+                               "set `layer.fast = False` to use the readable loop, which has one")
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def _plus_bias(xw: Tensor, bias: Tensor | None) -> Tensor:
@@ -87,7 +102,7 @@ class _RNNScan(torch.autograd.Function):
         return output, h.clone()
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_output, grad_hn):
         hs, h0, weight_hh, mask = ctx.saved_tensors
         T = hs.shape[0]
@@ -147,7 +162,7 @@ class _LSTMScan(torch.autograd.Function):
         return output, h.clone(), c.clone()
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_output, grad_hn, grad_cn):
         gates, hs, cs, h0, c0, weight_hh, mask = ctx.saved_tensors
         T = gates.shape[0]
@@ -219,7 +234,7 @@ class _GRUScan(torch.autograd.Function):
         return output, h.clone()
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_output, grad_hn):
         hh, r, z, n, hs, h0, weight_hh, mask = ctx.saved_tensors
         T, B, G = hh.shape

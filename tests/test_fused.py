@@ -1,0 +1,177 @@
+"""The fast path (rnnmath.fused, through each built-in cell's fast_scan) against the readable loop it replaces.
+
+The readable loop is the specification (tests/test_layers.py holds both paths equal to torch.nn); here the
+fast path must give bit-identical forward values and the same gradients, in every corner the layer has:
+lengths (zero included), both directions, stacked layers, hx given, token ids, float32 and float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnmath
+from rnnmath import fused
+
+KINDS = {
+    "rnn_tanh": lambda **kw: rnnmath.RNN(**kw),
+    "rnn_relu": lambda **kw: rnnmath.RNN(nonlinearity="relu", **kw),
+    "lstm": lambda **kw: rnnmath.LSTM(**kw),
+    "gru": lambda **kw: rnnmath.GRU(**kw),
+}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def run_both(layer, x, hx=None, lengths=None, seed=0):
+    """Forward and backward on the fast and the readable path; returns {fast: (outputs, gradients)}.
+
+    The loss weighs every output, h_n (and c_n) with fixed random weights, so every gradient path is used."""
+    results = {}
+    for fast in (True, False):
+        layer.fast = fast
+        layer.zero_grad(set_to_none=True)
+        leaves = [t for t in [x, *(hx if isinstance(hx, tuple) else [hx])] if t is not None and t.requires_grad]
+        for t in leaves:
+            t.grad = None
+        output, h_n = layer(x, hx, lengths=lengths)
+        finals = h_n if isinstance(h_n, tuple) else (h_n,)
+        g = torch.Generator(device=output.device).manual_seed(seed)
+        loss = sum((v * torch.randn(v.shape, generator=g, device=v.device, dtype=v.dtype)).sum()
+                   for v in (output, *finals))
+        loss.backward()
+        grads = [p.grad for p in layer.parameters()] + [t.grad for t in leaves]
+        assert all(gr is not None for gr in grads)
+        results[fast] = ([output.detach(), *(f.detach() for f in finals)], grads)
+    return results
+
+
+def assert_paths_equal(results, dtype, bitwise=True):
+    (fast_values, fast_grads), (slow_values, slow_grads) = results[True], results[False]
+    for a, b in zip(fast_values, slow_values):
+        if bitwise:
+            assert torch.equal(a, b), f"forward differs by {(a - b).abs().max().item():.3g}"
+        else:
+            torch.testing.assert_close(a, b, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    for a, b in zip(fast_grads, slow_grads):
+        scale = max(1.0, b.abs().max().item())  # relu's gradients can be large
+        torch.testing.assert_close(a, b, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_fast_path_equals_readable_loop(kind, dtype, with_lengths, device):
+    torch.manual_seed(0)
+    # H = 5 and 20 leave tails that the vectorised kernels finish element by element: the layouts must match
+    for hidden, bias in ((5, True), (20, False)):
+        layer = KINDS[kind](input_size=6, hidden_size=hidden, num_layers=2, bidirectional=True, bias=bias,
+                            dtype=dtype, device=device)
+        x = torch.randn(7, 4, 6, dtype=dtype, device=device, requires_grad=True)  # (T, B, I)
+        lengths = torch.tensor([7, 0, 3, 1]) if with_lengths else None  # a zero length returns the initial state
+        n_fields = 2 if kind == "lstm" else 1
+        hx = tuple(torch.randn(4, 4, hidden, dtype=dtype, device=device, requires_grad=True) for _ in range(n_fields))
+        hx = hx if n_fields == 2 else hx[0]
+        for state in (None, hx):
+            # bitwise on CPU; a GPU library may pick a different kernel for in-place and fresh outputs
+            assert_paths_equal(run_both(layer, x, state, lengths), dtype, bitwise=device == "cpu")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fast_path_with_batch_first_and_one_step(kind):
+    """A strided projection (batch_first) and T = 1 go through the same code with other layouts."""
+    torch.manual_seed(1)
+    layer = KINDS[kind](input_size=3, hidden_size=4, batch_first=True, dtype=torch.float64)
+    for T in (1, 6):
+        x = torch.randn(2, T, 3, dtype=torch.float64, requires_grad=True)  # (B, T, I)
+        assert_paths_equal(run_both(layer, x), torch.float64)
+
+
+def test_token_ids_on_the_seed_configuration():
+    """The seed's shape (ids over V = 400, state 3, batch 128, tanh) with lengths: equal on both paths."""
+    torch.manual_seed(2)
+    layer = rnnmath.RNN(400, 3)
+    ids = torch.randint(0, 400, (30, 128))  # (T, B)
+    lengths = torch.randint(0, 31, (128,))
+    assert_paths_equal(run_both(layer, ids, lengths=lengths), torch.float32)
+
+
+def test_fast_path_equals_torch_nn():
+    """One direct check against torch.nn, the oracle of the whole suite (the full grid is in test_layers)."""
+    torch.manual_seed(3)
+    for ours, theirs in ((rnnmath.LSTM, torch.nn.LSTM), (rnnmath.GRU, torch.nn.GRU), (rnnmath.RNN, torch.nn.RNN)):
+        native = theirs(5, 6, num_layers=2, bidirectional=True, dtype=torch.float64)
+        layer = ours(5, 6, num_layers=2, bidirectional=True, dtype=torch.float64)
+        layer.load_state_dict(native.state_dict())
+        assert layer.fast
+        x = torch.randn(8, 3, 5, dtype=torch.float64)
+        out, _ = layer(x)
+        out.square().sum().backward()
+        ref, _ = native(x)
+        ref.square().sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        for name, p in native.named_parameters():
+            torch.testing.assert_close(getattr(layer, name).grad, p.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+def test_gradcheck_of_the_fused_functions(kind):
+    """Finite differences on the Function itself, lengths included: every input's gradient is checked."""
+    torch.manual_seed(4)
+    T, B, H = 4, 3, 2
+    G = {"lstm": 4, "gru": 3}.get(kind, 1) * H
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    xw, W, b = torch.randn(T, B, G, **f64), torch.randn(G, H, **f64), torch.randn(G, **f64)
+    h0, c0 = torch.randn(B, H, **f64), torch.randn(B, H, **f64)
+    mask = (torch.arange(T).unsqueeze(1) < torch.tensor([4, 0, 2])).unsqueeze(2)  # (T, B, 1)
+    State = rnnmath.LSTMState if kind == "lstm" else rnnmath.HiddenState
+
+    def scan(xw, h0, c0, W, b):
+        p = {"weight_hh": W, "bias_hh": b}
+        if kind == "lstm":
+            output, state = fused.lstm_scan(p, xw, State(h0, c0), mask)
+        elif kind == "gru":
+            output, state = fused.gru_scan(p, xw, State(h0), mask)
+        else:
+            output, state = fused.rnn_scan(p, xw, State(h0), mask, kind.removeprefix("rnn_"))
+        return (output, *state)
+
+    assert torch.autograd.gradcheck(scan, (xw, h0, c0 if kind == "lstm" else c0.detach(), W, b))
+
+
+def test_backward_twice_with_retain_graph():
+    """The backward pass must not consume what it saved: a second backward gives the same gradients."""
+    torch.manual_seed(5)
+    layer = rnnmath.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    out, (h, c) = layer(x)
+    loss = out.sum() + c.sum()
+    first = torch.autograd.grad(loss, list(layer.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(layer.parameters()))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_needs_the_readable_path():
+    """The hand-written backward is not differentiable; the readable loop is (layer.fast = False)."""
+    layer = rnnmath.GRU(2, 3, dtype=torch.float64)
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="layer.fast = False"):
+        torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
+    layer.fast = False
+    (g,) = torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
+    g.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_tracing_gives_the_fast_path_values_bitwise():
+    """Tracing runs the readable loop: its results must equal the untraced (fast) run exactly."""
+    torch.manual_seed(6)
+    layer = rnnmath.LSTM(4, 7, num_layers=2, bidirectional=True)
+    x = torch.randn(9, 3, 4)
+    lengths = torch.tensor([9, 4, 1])
+    fast_out, (fast_h, fast_c) = layer(x, lengths=lengths)
+    with rnnmath.trace(layer):
+        out, (h, c) = layer(x, lengths=lengths)
+    assert torch.equal(out, fast_out) and torch.equal(h, fast_h) and torch.equal(c, fast_c)
