@@ -360,8 +360,27 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench -------------------------------------------------------------------------------------------------
+def add_bench_parser(subparsers) -> None:
+    from . import bench
+
+    p = subparsers.add_parser("bench", help="speed and peak memory against torch.nn (docs/benchmarks.md)",
+                              description="Training step and inference of RNN/LSTM/GRU: rnnmath's fast path vs "
+                              "torch.nn's native layers and the readable loop, the seed's one-hot loop, the "
+                              "matmul roofline and peak memory. The full grid takes long on 2 cores: try --quick.")
+    bench.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
 # -- entry point -------------------------------------------------------------------------------------------
-SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser]
+SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser,
+               add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
