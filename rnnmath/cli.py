@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from . import data as datamod
+from . import distributed
 from .data import Examples, read_examples
 from .errors import UserError
 from .model import HISTORY, PRESETS, Config, load_description, load_model, write_json
@@ -115,12 +116,27 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--json", action="store_true", help="print the history and test metrics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--workers", type=_number(int, 1, 4096), default=1, metavar="N",
+                   help="train with N local processes (data-parallel, through torch.distributed's launcher, "
+                        "as torchrun --nproc_per_node=N does); --batch-size is per process (default: 1)")
     add_config_flags(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if distributed.launched() and args.workers not in (1, local_world):
+        raise UserError(f"--workers {args.workers}: this process is already one of {local_world} started by "
+                        "torchrun; leave --workers out under torchrun")
+    if args.workers > 1 and not distributed.launched():
+        distributed.launch(args.workers, args.argv)  # the same command in N processes, which go on below
+        return 0
+    with distributed.process_group():  # torchrun's workers meet here; nothing to do in one process
+        return train_command(args)
+
+
+def train_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config, given = config_from_args(args)
     if args.resume and (out / "config.json").exists():
@@ -143,6 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     log = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr))
     progress = not (args.quiet or args.json) and sys.stderr.isatty()
     history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log)
+    if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
+        return 0
     result = {"model": str(out), "train": len(train_set), "val": len(val), **history}
     if len(test):
         trained = load_model(out)
@@ -394,11 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits with 2
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # for --workers, which reruns the command
     try:
         return args.func(args)
     except UserError as e:
-        print(f"rnnmath: error: {e}", file=sys.stderr)
+        print(f"rnnmath: error: {distributed.who()}{e}", file=sys.stderr)
+        distributed.record_failure(f"{e}")  # for torchrun's summary, when it started this process
         return 2
+    except distributed.WorkerFailed as e:
+        print(f"rnnmath: error: {e}", file=sys.stderr)
+        return e.exit_code
     except Interrupted as e:
         print(f"rnnmath: {e}", file=sys.stderr)
         return 130
@@ -412,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RNNMATH_DEBUG") == "1":
             traceback.print_exc()
         message = " ".join(str(e).split()) or "(no message)"
+        if distributed.lost_peer(e):  # another worker died first: its error is the one to read
+            if distributed.LAUNCHED_BY_WORKERS not in os.environ:  # --workers reports it in one line
+                print(f"rnnmath: error: {distributed.who()}stopped: another worker of the run is gone",
+                      file=sys.stderr)
+            return 1
+        distributed.record_failure(f"internal error: {type(e).__name__}: {message}")
         print(f"rnnmath: internal error: {type(e).__name__}: {message} (set RNNMATH_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 
 # torchrun sets these in every worker it starts
 _RANK, _WORLD, _LOCAL_RANK = "RANK", "WORLD_SIZE", "LOCAL_RANK"
+LAUNCHED_BY_WORKERS = "RNNMATH_WORKERS_LAUNCHER"  # set by `launch` for the workers it starts
 
 
 # -- who am I ----------------------------------------------------------------------------------------------
@@ -69,8 +71,9 @@ def is_main() -> bool:
 
 
 def who() -> str:
-    """``"rank 1 of 2: "`` in a distributed run, to start a message with; empty in a single process."""
-    return f"rank {rank()} of {world_size()}: " if world_size() > 1 else ""
+    """``"rank 1 of 2: "`` in a process started by torchrun, to start a message with; empty otherwise. Read
+    from the environment, so it still answers after the process group is gone."""
+    return f"rank {os.environ.get(_RANK, '0')} of {os.environ[_WORLD]}: " if launched() else ""
 
 
 # -- the process group -------------------------------------------------------------------------------------
@@ -186,15 +189,19 @@ def record_failure(message: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or os.path.exists(path):
         return
-    document = {"message": {"message": message, "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}}}
+    document = {"message": message, "timestamp": str(int(time.time()))}
     with open(path, "w") as f:
         json.dump(document, f)
 
 
 def lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` is a collective failing because another process went away (its own failure is the
-    one to report)."""
-    return dist.is_available() and isinstance(error, dist.DistError)
+    """Whether ``error`` is a collective failing because another process went away (that process's own
+    failure is the one to report). gloo raises a plain RuntimeError that says so."""
+    text = str(error)
+    return launched() and (
+        (dist.is_available() and isinstance(error, dist.DistError))
+        or any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker"))
+    )
 
 
 class WorkerFailed(Exception):
@@ -206,16 +213,26 @@ class WorkerFailed(Exception):
 
 
 def root_cause(failures: dict) -> tuple[int, object]:
-    """The failure (rank, torch.distributed.elastic ProcessFailure) that stopped the run: one that recorded
-    an error, else one killed by a signal, else the lowest rank; those whose collectives merely lost a peer
-    come last."""
+    """The failure (rank, torch.distributed.elastic ProcessFailure) that stopped the run, by what it says
+    about the cause: a recorded error, then death by a signal other than the agent's own SIGTERM/SIGINT
+    (SIGKILL, SIGSEGV), then a bare exit code (such as a collective that lost its peer), then the agent's
+    signals; ties go to the lowest rank."""
+    stopped_by_agent = (-signal.SIGTERM, -signal.SIGINT)
 
     def order(item):
         r, failure = item
-        recorded = bool(failure.error_file_data.get("message"))
-        return (not recorded, failure.exitcode >= 0, failure.timestamp, r)
+        if recorded(failure):
+            return (0, r)
+        if failure.exitcode < 0 and failure.exitcode not in stopped_by_agent:
+            return (1, r)
+        return (2 if failure.exitcode > 0 else 3, r)
 
     return min(failures.items(), key=order)
+
+
+def recorded(failure) -> bool:
+    """Whether the failed worker left an error file (torch marks a missing one with "<NONE>")."""
+    return failure.error_file_data.get("message") not in (None, "", "<NONE>")
 
 
 def describe(rank: int, failure, world: int) -> str:
@@ -226,9 +243,13 @@ def describe(rank: int, failure, world: int) -> str:
         except ValueError:
             name = f"signal {-failure.exitcode}"
         return f"worker rank {rank} of {world} was killed by {name}; the run stopped"
-    recorded = failure.error_file_data.get("message")
-    reason = f": {failure.message}" if recorded else "; its own message is above"
-    return f"worker rank {rank} of {world} failed with exit code {failure.exitcode}{reason}"
+    if not recorded(failure):
+        reason = " and no message"
+    elif rank == 0:  # rank 0's output is not redirected: its message is on the screen already
+        reason = " (its message is above)"
+    else:
+        reason = f": {failure.message}"
+    return f"worker rank {rank} of {world} stopped the run with exit code {failure.exitcode}{reason}"
 
 
 def launch(workers: int, args: Sequence[str], entrypoint: Sequence[str] | None = None) -> None:
@@ -239,6 +260,8 @@ def launch(workers: int, args: Sequence[str], entrypoint: Sequence[str] | None =
     OMP_NUM_THREADS = cores / workers unless it is set. Raises ``WorkerFailed`` naming the rank that stopped
     the run.
     """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -246,14 +269,23 @@ def launch(workers: int, args: Sequence[str], entrypoint: Sequence[str] | None =
         raise ValueError(f"workers must be at least 1, got {workers}")
     entrypoint = list(entrypoint or [sys.executable, "-m", "rnnmath"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    os.environ[LAUNCHED_BY_WORKERS] = "1"  # the workers leave failure reports to this process
     # the agent logs its configuration and each failure at length; the one line below says what matters
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-    )
-    try:
-        elastic_launch(config, entrypoint[0])(*entrypoint[1:], *args)
-    except ChildFailedError as e:
-        r, failure = root_cause(e.failures)
-        raise WorkerFailed(describe(r, failure, workers), failure.exitcode if failure.exitcode > 0 else 1) from None
+    with tempfile.TemporaryDirectory(prefix="rnnmath-workers-") as logs:
+        # rank 0 prints (progress, epochs, its errors); the others' output goes to files, and a failure
+        # among them is reported below from the error it recorded (record_failure)
+        quiet = {i: Std.ALL for i in range(1, workers)}
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+            logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=quiet),
+        )
+        try:
+            elastic_launch(config, entrypoint[0])(*entrypoint[1:], *args)
+        except ChildFailedError as e:
+            r, failure = root_cause(e.failures)
+            code = failure.exitcode if failure.exitcode > 0 else 1
+            raise WorkerFailed(describe(r, failure, workers), code) from None
+        except SignalException:  # Ctrl-C: the agent has stopped the workers
+            raise KeyboardInterrupt from None
