@@ -239,7 +239,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         best = max(range(len(p)), key=p.__getitem__)
         if args.json:
             print(json.dumps({"text": text, "label": trained.labels[best],
-                              "probabilities": dict(zip(trained.labels, p))}, ensure_ascii=False))
+                              "probabilities": dict(zip(trained.labels, p))}))  # ASCII: no \u2028 in a line
         else:
             print(f"{trained.labels[best]}\t{p[best]:.4f}\t{text}")
     return 0
