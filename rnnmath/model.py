@@ -75,6 +75,11 @@ class Config:
     dropout: float = field(default=0.5, metadata=_flag("dropout on the sentence features (and between layers)", 0, 1))
     word_dropout: float = field(default=0.0, metadata=_flag("in training, replace each word by UNK with this "
                                                              "probability", 0, 1))
+    recurrent_dropout: float = field(default=0.0, metadata=_flag("in training, drop the same units of the "
+                                                                  "recurrent state h at every step (Gal & "
+                                                                  "Ghahramani 2016)", 0, 1))
+    zoneout: float = field(default=0.0, metadata=_flag("keep each state unit's previous value with this "
+                                                        "probability at each step (Krueger et al. 2017)", 0, 1))
     vocab_size: int = field(default=5000, metadata=_flag("the N most frequent training words kept (plus PAD "
                                                          "and UNK)", 1, 10_000_000))
     max_len: int = field(default=50, metadata=_flag("words kept per sentence; the rest are cut", 1, 100_000))
@@ -115,6 +120,8 @@ class Config:
             raise UserError(f"--lr must be positive, got {self.lr!r}")
         if self.dropout >= 1 or self.word_dropout >= 1:
             raise UserError("--dropout and --word-dropout must be below 1")
+        if self.recurrent_dropout >= 1 or self.zoneout >= 1:
+            raise UserError("--recurrent-dropout and --zoneout must be below 1")
         return self
 
 
@@ -138,6 +145,7 @@ class Classifier(nn.Module):
         self.rnn = Recurrent(
             CELLS[config.cell], vocab_size, config.hidden, num_layers=config.layers, batch_first=True,
             dropout=config.dropout if config.layers > 1 else 0.0, bidirectional=config.bidirectional,
+            recurrent_dropout=config.recurrent_dropout, zoneout=config.zoneout,
         )
         directions = 2 if config.bidirectional else 1
         width = directions * config.hidden * (2 if config.pooling == "last+max" else 1)  # F
