@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -321,7 +322,7 @@ def machine(device: str) -> dict:
         pass
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
-            "gpu": gpu, "python": platform.python_version()}
+            "gpu": gpu, "python": platform.python_version(), "load_average": os.getloadavg()[0]}
 
 
 # -- output ----------------------------------------------------------------------------------------------------
@@ -336,7 +337,8 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
 def report(result: dict) -> str:
     m = result["machine"]
     parts = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, device {m['device']}"
-             + (f" ({m['gpu']})" if m["gpu"] else "") + f"; matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s"]
+             + (f" ({m['gpu']})" if m["gpu"] else "") + f"; matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s; "
+             f"load average {m['load_average']:.1f} at the start"]
     parts.append("\n### Layers (I = 128): milliseconds per call, median of interleaved runs\n")
     parts.append(markdown_table(result["rows"], [
         ("cell", "cell", ""), ("H", "hidden", "d"), ("T", "steps", "d"), ("B", "batch", "d"), ("mode", "mode", ""),

@@ -73,6 +73,11 @@ def _masked_grad(grad_output: Tensor, mask: Tensor | None) -> Tensor:
     return grad_output if mask is None else grad_output.masked_fill(~mask, 0.0)
 
 
+def _per_step(blocks) -> list[tuple[Tensor, ...]]:
+    """For each (T, B, H) block, its T per-step views, made once before the loop rather than at every step."""
+    return [block.unbind(0) for block in blocks]
+
+
 def _steps(mask: Tensor | None, T: int):
     """Per-step (keep, drop) masks (B, 1), or Nones without lengths."""
     if mask is None:
@@ -111,20 +116,21 @@ class _RNNScan(torch.autograd.Function):
         dG = torch.empty_like(hs)  # (T, B, H): ∂L/∂a_t, the pre-activations
         dh = grad_hn.clone(memory_format=torch.contiguous_format)  # (B, H): ∂L/∂h_t, carried back
         back = torch.empty_like(dh) if mask is not None else None
+        dG_, hs_, grad_output = _per_step((dG, hs, grad_output))
         for t in reversed(range(T)):
             dh.add_(grad_output[t])
             if ctx.relu:
-                _threshold_backward(dh, hs[t], 0, grad_input=dG[t])  # ⊙ [a_t > 0]
+                _threshold_backward(dh, hs_[t], 0, grad_input=dG_[t])  # ⊙ [a_t > 0]
             else:
-                _tanh_backward(dh, hs[t], grad_input=dG[t])  # ⊙ (1 − h_t²)
+                _tanh_backward(dh, hs_[t], grad_input=dG_[t])  # ⊙ (1 − h_t²)
             if mask is not None:
-                dG[t].masked_fill_(drop[t], 0.0)
+                dG_[t].masked_fill_(drop[t], 0.0)
             if t == 0 and not ctx.needs_input_grad[1]:
                 break
             if mask is None:
-                torch.mm(dG[t], weight_hh, out=dh)  # ∂L/∂h_{t-1} = ∂L/∂a_t W_hh
+                torch.mm(dG_[t], weight_hh, out=dh)  # ∂L/∂h_{t-1} = ∂L/∂a_t W_hh
             else:
-                torch.where(keep[t], torch.mm(dG[t], weight_hh, out=back), dh, out=dh)
+                torch.where(keep[t], torch.mm(dG_[t], weight_hh, out=back), dh, out=dh)
         dW, db = _weight_grads(ctx, dG, h0, hs, 2)
         return dG, dh if ctx.needs_input_grad[1] else None, dW, db, None, None
 
@@ -142,16 +148,16 @@ class _LSTMScan(torch.autograd.Function):
         fc, ig = xw.new_empty(B, H), xw.new_empty(B, H)  # (B, H) scratch for f ⊙ c and i ⊙ g
         w_t = weight_hh.t()
         keep, _ = _steps(mask, T)
+        i, f, g, o = _per_step(gates.chunk(4, dim=2))  # (B, H) views of each step's gates
         h, c = h0, c0
-        for t, a in enumerate(gates.unbind(0)):
+        for t, (a, c_t, h_t) in enumerate(zip(gates.unbind(0), cs.unbind(0), hs.unbind(0))):
             a.addmm_(h, w_t)
-            i, f, g, o = a.chunk(4, dim=1)
-            i.sigmoid_()
-            f.sigmoid_()
-            g.tanh_()
-            o.sigmoid_()
-            c_t = torch.add(torch.mul(f, c, out=fc), torch.mul(i, g, out=ig), out=cs[t])
-            h_t = torch.mul(o, torch.tanh(c_t, out=fc), out=hs[t])
+            i[t].sigmoid_()
+            f[t].sigmoid_()
+            g[t].tanh_()
+            o[t].sigmoid_()
+            torch.add(torch.mul(f[t], c, out=fc), torch.mul(i[t], g[t], out=ig), out=c_t)
+            torch.mul(o[t], torch.tanh(c_t, out=fc), out=h_t)
             if mask is not None:
                 torch.where(keep[t], c_t, c, out=c_t)
                 torch.where(keep[t], h_t, h, out=h_t)
@@ -173,25 +179,29 @@ class _LSTMScan(torch.autograd.Function):
         dc = grad_cn.clone(memory_format=torch.contiguous_format)  # (B, H): ∂L/∂c_t, carried back
         tanh_c, tmp = torch.empty_like(dh), torch.empty_like(dh)  # (B, H) scratch
         dc_new = torch.empty_like(dh) if mask is not None else dc
+        H = dh.shape[1]
+        i, f, g, o = _per_step(gates.chunk(4, dim=2))
+        di, df, dg, do = _per_step(dG.chunk(4, dim=2))
+        if_, dif = gates[:, :, : 2 * H].unbind(0), dG[:, :, : 2 * H].unbind(0)  # i and f side by side
+        cs_, grad_output = cs.unbind(0), grad_output.unbind(0)
         for t in reversed(range(T)):
-            i, f, g, o = gates[t].chunk(4, dim=1)
-            di, df, dg, do = dG[t].chunk(4, dim=1)
-            c_prev = cs[t - 1] if t > 0 else c0
+            c_prev = cs_[t - 1] if t > 0 else c0
             dh.add_(grad_output[t])
-            torch.tanh(cs[t], out=tanh_c)
-            _sigmoid_backward(torch.mul(dh, tanh_c, out=do), o, grad_input=do)  # ∂h/∂o = tanh(c_t)
-            _tanh_backward(torch.mul(dh, o, out=tmp), tanh_c, grad_input=tmp)  # ∂h/∂c_t = o (1 − tanh² c_t)
+            torch.tanh(cs_[t], out=tanh_c)
+            _sigmoid_backward(torch.mul(dh, tanh_c, out=do[t]), o[t], grad_input=do[t])  # ∂h/∂o = tanh(c_t)
+            _tanh_backward(torch.mul(dh, o[t], out=tmp), tanh_c, grad_input=tmp)  # ∂h/∂c_t = o (1 − tanh² c_t)
             torch.add(dc, tmp, out=dc_new)  # ∂L/∂c_t: from h_t and from c_{t+1}
-            _sigmoid_backward(torch.mul(dc_new, g, out=di), i, grad_input=di)  # ∂c/∂i = g
-            _sigmoid_backward(torch.mul(dc_new, c_prev, out=df), f, grad_input=df)  # ∂c/∂f = c_{t-1}
-            _tanh_backward(torch.mul(dc_new, i, out=dg), g, grad_input=dg)  # ∂c/∂g = i
+            torch.mul(dc_new, g[t], out=di[t])  # ∂c/∂i = g
+            torch.mul(dc_new, c_prev, out=df[t])  # ∂c/∂f = c_{t-1}
+            _sigmoid_backward(dif[t], if_[t], grad_input=dif[t])  # through σ for i and f in one pass
+            _tanh_backward(torch.mul(dc_new, i[t], out=dg[t]), g[t], grad_input=dg[t])  # ∂c/∂g = i
             if mask is not None:
                 dG[t].masked_fill_(drop[t], 0.0)
-                torch.where(keep[t], dc_new.mul_(f), dc, out=dc)  # ∂L/∂c_{t-1}, carried where masked
+                torch.where(keep[t], dc_new.mul_(f[t]), dc, out=dc)  # ∂L/∂c_{t-1}, carried where masked
                 if t > 0 or ctx.needs_input_grad[1]:
                     torch.where(keep[t], torch.mm(dG[t], weight_hh, out=tmp), dh, out=dh)
             else:
-                dc.mul_(f)  # ∂L/∂c_{t-1} = ∂L/∂c_t ⊙ f
+                dc.mul_(f[t])  # ∂L/∂c_{t-1} = ∂L/∂c_t ⊙ f
                 if t > 0 or ctx.needs_input_grad[1]:
                     torch.mm(dG[t], weight_hh, out=dh)  # ∂L/∂h_{t-1} = ∂L/∂G_t W_hh
         dW, db = _weight_grads(ctx, dG, h0, hs, 3)
@@ -211,20 +221,21 @@ class _GRUScan(torch.autograd.Function):
         r, z, n, hs = (xw.new_empty(T, B, H) for _ in range(4))  # (T, B, H) each, contiguous per step
         u, v = xw.new_empty(B, H), xw.new_empty(B, H)  # (B, H) scratch
         w_t = weight_hh.t()
-        x_r, x_z, x_n = (x.unbind(0) for x in xw.chunk(3, dim=2))
+        x_r, x_z, x_n = _per_step(xw.chunk(3, dim=2))
+        h_r, h_z, h_n = _per_step(hh.chunk(3, dim=2))
+        hh_, r_, z_, n_, hs_ = _per_step((hh, r, z, n, hs))
         keep, _ = _steps(mask, T)
         h = h0
         for t in range(T):
             # the cell's F.linear(h, W_hh, b_hh) is addmm(b_hh, h, W_hhᵀ), or mm without a bias
             if bias_hh is None:
-                torch.mm(h, w_t, out=hh[t])
+                torch.mm(h, w_t, out=hh_[t])
             else:
-                torch.addmm(bias_hh, h, w_t, out=hh[t])
-            h_r, h_z, h_n = hh[t].chunk(3, dim=1)
-            torch.add(x_r[t], h_r, out=r[t]).sigmoid_()
-            torch.add(x_z[t], h_z, out=z[t]).sigmoid_()
-            torch.add(x_n[t], torch.mul(r[t], h_n, out=u), out=n[t]).tanh_()
-            h_t = torch.add(torch.neg(z[t], out=u).add_(1).mul_(n[t]), torch.mul(z[t], h, out=v), out=hs[t])
+                torch.addmm(bias_hh, h, w_t, out=hh_[t])
+            torch.add(x_r[t], h_r[t], out=r_[t]).sigmoid_()
+            torch.add(x_z[t], h_z[t], out=z_[t]).sigmoid_()
+            torch.add(x_n[t], torch.mul(r_[t], h_n[t], out=u), out=n_[t]).tanh_()
+            h_t = torch.add(torch.neg(z_[t], out=u).add_(1).mul_(n_[t]), torch.mul(z_[t], h, out=v), out=hs_[t])
             if mask is not None:
                 torch.where(keep[t], h_t, h, out=h_t)
             h = h_t
@@ -245,29 +256,31 @@ class _GRUScan(torch.autograd.Function):
         dhh = torch.empty_like(hh)  # (T, B, 3H): ∂L/∂(h_{t-1} W_hhᵀ + b_hh)
         dh = grad_hn.clone(memory_format=torch.contiguous_format)  # (B, H): ∂L/∂h_t, carried back
         u, back = torch.empty_like(dh), torch.empty_like(dh)  # (B, H) scratch
+        dx_r, dx_z, dx_n = _per_step(dx.chunk(3, dim=2))
+        dhh_rz, dhh_n = _per_step(dhh.split((2 * H, H), dim=2))
+        dx_rz, h_n = dx[:, :, : 2 * H].unbind(0), hh[:, :, 2 * H :].unbind(0)
+        dx_, dhh_, r, z, n, hs_, grad_output = _per_step((dx, dhh, r, z, n, hs, grad_output))
         for t in reversed(range(T)):
-            dx_r, dx_z, dx_n = dx[t].chunk(3, dim=1)
-            h_n = hh[t, :, 2 * H :]
-            h_prev = hs[t - 1] if t > 0 else h0
+            h_prev = hs_[t - 1] if t > 0 else h0
             dh.add_(grad_output[t])
             # ∂L/∂n = ∂L/∂h ⊙ (1 − z), through tanh
-            _tanh_backward(torch.neg(z[t], out=u).add_(1).mul_(dh), n[t], grad_input=dx_n)
+            _tanh_backward(torch.neg(z[t], out=u).add_(1).mul_(dh), n[t], grad_input=dx_n[t])
             # ∂L/∂z = ∂L/∂h ⊙ (h_{t-1} − n), through σ
-            _sigmoid_backward(torch.sub(h_prev, n[t], out=u).mul_(dh), z[t], grad_input=dx_z)
+            _sigmoid_backward(torch.sub(h_prev, n[t], out=u).mul_(dh), z[t], grad_input=dx_z[t])
             # ∂L/∂r = ∂L/∂n_pre ⊙ (h W_hnᵀ + b_hn), through σ
-            _sigmoid_backward(torch.mul(dx_n, h_n, out=u), r[t], grad_input=dx_r)
-            dhh[t, :, : 2 * H].copy_(dx[t, :, : 2 * H])
-            torch.mul(dx_n, r[t], out=dhh[t, :, 2 * H :])  # r multiplies the recurrent part of n
+            _sigmoid_backward(torch.mul(dx_n[t], h_n[t], out=u), r[t], grad_input=dx_r[t])
+            dhh_rz[t].copy_(dx_rz[t])
+            torch.mul(dx_n[t], r[t], out=dhh_n[t])  # r multiplies the recurrent part of n
             if mask is not None:
-                dx[t].masked_fill_(drop[t], 0.0)
-                dhh[t].masked_fill_(drop[t], 0.0)
+                dx_[t].masked_fill_(drop[t], 0.0)
+                dhh_[t].masked_fill_(drop[t], 0.0)
             if t == 0 and not ctx.needs_input_grad[1]:
                 break
             # ∂L/∂h_{t-1} = ∂L/∂h ⊙ z + ∂L/∂hh_t W_hh
             if mask is None:
-                torch.addmm(torch.mul(dh, z[t], out=u), dhh[t], weight_hh, out=dh)
+                torch.addmm(torch.mul(dh, z[t], out=u), dhh_[t], weight_hh, out=dh)
             else:
-                new = torch.addmm(torch.mul(dh, z[t], out=u), dhh[t], weight_hh, out=back)
+                new = torch.addmm(torch.mul(dh, z[t], out=u), dhh_[t], weight_hh, out=back)
                 torch.where(keep[t], new, dh, out=dh)
         dW, db = _weight_grads(ctx, dhh, h0, hs, 2)
         return dx, dh if ctx.needs_input_grad[1] else None, dW, db, None
