@@ -323,6 +323,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         # ---- INSPECT REPORT: the inspect report of the trained model (model dir `out`, sentences
         # DEMO_SENTENCES) is to be written here, while the temporary model directory still exists. ----
+        from . import flow, plots
+
+        report_dir = Path(args.out) / "inspect" if args.out else Path(tempfile.mkdtemp(prefix="rnnmath-inspect-"))
+        report = plots.write_reading_report(flow.read_sentence(trained, DEMO_SENTENCES[0]), report_dir)
+        print(f"\nhow the RNN read {DEMO_SENTENCES[0]!r}, word by word: {report}")
 
         print(f"\ndemo finished in {time.perf_counter() - start:.0f} s"
               + (f"; model kept in {out}" if args.out else ""))
@@ -396,9 +401,71 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+# -- inspect and flow: see inside (rnnmath/flow.py, rnnmath/plots.py, docs/inspect.md) ----------------------
+def add_inspect_parser(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="how a trained model reads one sentence: report.html and figures",
+                              description="Read one sentence with a trained model and write OUT/report.html (one "
+                              "self-contained page) and its figures as PNG: the prediction after each word, the "
+                              "hidden states and gates, the gradient through time and each word's attribution.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
+    p.add_argument("text", help="the sentence to read")
+    p.add_argument("--out", required=True, metavar="OUTDIR", help="directory for report.html and the PNGs")
+    p.add_argument("--json", action="store_true", help="also print the numbers as one JSON object")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import flow, plots
+
+    reading = flow.read_sentence(load_model(args.model), args.text)
+    path = plots.write_reading_report(reading, args.out)
+    if args.json:
+        print(json.dumps({**reading.to_json(), "report": str(path)}, ensure_ascii=False))
+    else:
+        print(path)
+    return 0
+
+
+def add_flow_parser(subparsers) -> None:
+    p = subparsers.add_parser("flow", help="vanishing gradients: ‖∂L/∂h_t‖ over time for several cell kinds",
+                              description="Plot ‖∂L/∂h_t‖ over t for each cell kind on the same adding-problem "
+                              "sequences (untrained, and with --train after training on that memory task); "
+                              "write OUT/report.html and the PNGs and print ‖∂L/∂h_1‖/‖∂L/∂h_T‖ per cell.")
+    p.add_argument("--cells", default="rnn,lstm,gru", help="comma-separated cell kinds (default: rnn,lstm,gru)")
+    p.add_argument("--steps", type=_number(int, 2, 100_000), default=100, help="sequence length (default: 100)")
+    p.add_argument("--out", required=True, metavar="OUTDIR", help="directory for report.html and the PNGs")
+    p.add_argument("--train", action="store_true", help="also measure after training on the adding problem")
+    p.add_argument("--train-steps", type=_number(int, 1, 1_000_000), default=300, metavar="N",
+                   help="Adam steps of that training, batches of 64 (default: 300)")
+    p.add_argument("--hidden", type=_number(int, 1, 4096), default=32, help="state size (default: 32)")
+    p.add_argument("--batch", type=_number(int, 1, 100_000), default=32, help="sequences measured (default: 32)")
+    p.add_argument("--forget-bias", type=_number(float, -100, 100), default=0.0, metavar="B",
+                   help="add B to the LSTM's forget-gate bias at initialisation (default: 0, torch.nn's init)")
+    p.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0, help="seed of data and weights")
+    p.set_defaults(func=cmd_flow)
+
+
+def cmd_flow(args: argparse.Namespace) -> int:
+    from . import CELLS, flow, plots
+
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    unknown = [c for c in cells if c not in CELLS]
+    if not cells or unknown:
+        raise UserError(f"--cells: unknown cell {unknown[0] if unknown else '(none)'!r}; "
+                        f"known: {', '.join(sorted(CELLS))}")
+    results = flow.vanishing_gradients(cells, args.steps, args.batch, args.hidden, args.seed, args.train,
+                                       args.train_steps, args.forget_bias)
+    path = plots.write_flow_report(results, args.out, args.steps, args.forget_bias)
+    print(f"{'cell':<8} {'weights':<10} {'|dL/dh_1| / |dL/dh_T|':>22} {'test MSE':>9}")
+    for r in results:
+        print(f"{r.cell:<8} {'trained' if r.trained else 'untrained':<10} {r.ratio:>22.3g} {r.mse:>9.4f}")
+    print(path)
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser,
-               add_bench_parser]
+               add_bench_parser, add_inspect_parser, add_flow_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
