@@ -422,3 +422,24 @@ def test_vmap_and_grad_equal_eager(name, fast):
     per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
     for n in params:
         torch.testing.assert_close(per_sample[n][1], grad(loss)(params, xs[1])[n])
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NEW)
+def test_cli_trains_and_evaluates_new_cells_with_regularisers(name, tmp_path, capsys):
+    from rnnmath import cli, data
+    from rnnmath.model import load_model
+
+    task = data.make_order_task(80, seed=5)
+    (tmp_path / "train.tsv").write_text("".join(f"{t}\t{y}\n" for t, y in zip(task.texts, task.labels)))
+    out = tmp_path / "model"
+    argv = ["train", "--data", str(tmp_path / "train.tsv"), "--out", str(out), "--quiet", "--cell", name,
+            "--recurrent-dropout", "0.2", "--zoneout", "0.1", "--hidden", "8", "--vocab-size", "40",
+            "--max-len", "10", "--epochs", "1", "--batch-size", "16"]
+    assert cli.main(argv) == 0
+    trained = load_model(out)
+    assert trained.config.cell == name
+    assert trained.model.rnn.cells[0].__class__ is CELLS[name]
+    assert (trained.model.rnn.recurrent_dropout, trained.model.rnn.zoneout) == (0.2, 0.1)
+    assert cli.main(["evaluate", str(out), "--data", str(tmp_path / "train.tsv"), "--json"]) == 0
+    capsys.readouterr()
