@@ -17,6 +17,10 @@ A cell is one small class that says three things and nothing about time:
 ``step`` may call ``self.record(name=tensor, ...)`` for quantities worth seeing (gates); it costs one
 attribute test unless the layer is being traced.
 
+Optionally, ``fast_scan(p, xw, state, mask) -> (outputs, last state)`` runs a whole sequence at once (held equal
+to the loop of ``step`` by the tests); set ``fast_scan_composable = True`` when it is plain differentiable torch
+code, so that it also runs under torch.compile and torch.func. docs/cells.md walks through an example.
+
 Used alone, a cell owns its parameters and is called like ``torch.nn.RNNCell/LSTMCell/GRUCell``. Inside a
 layer (:class:`rnnmath.Recurrent`) the layer owns the parameters under torch.nn's flat names
 (``weight_ih_l0``, ...) and passes them in ``p``; the cell object there only carries the math.
