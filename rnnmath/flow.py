@@ -122,13 +122,13 @@ def jacobian_flow(layer: Recurrent, run: Callable[[], object]) -> Flow:
             continue
         last = hs[-1]  # (B, H): past a sequence's length the state is carried, so this is its h_T
         B, H = last.shape
-        squares = torch.zeros(len(hs), B)  # (T, B)
+        squares = last.new_zeros(len(hs), B).detach()  # (T, B)
         for start in range(0, H, 64):  # up to 64 rows of every Jacobian per batched backward pass
             units = torch.arange(start, min(H, start + 64))
             probes = F.one_hot(units, H).to(last.dtype).unsqueeze(1).expand(-1, B, H)  # (U, B, H)
             rows = torch.autograd.grad(last, hs, grad_outputs=probes, is_grads_batched=True, retain_graph=True,
                                        allow_unused=True)  # per step (U, B, H): rows of ∂h_T/∂h_t
-            squares += torch.stack([r.pow(2).sum((0, 2)) if r is not None else torch.zeros(B) for r in rows])
+            squares += torch.stack([r.pow(2).sum((0, 2)) if r is not None else last.new_zeros(B) for r in rows])
         norms[k, d] = _to_input_time(list(squares.sqrt()), d, tr.valid)
     return Flow(norms, tr.valid, tr)
 
@@ -191,7 +191,8 @@ def grad_x_input(model: nn.Module, ids: Tensor, target: int, vocab_size: int) ->
 
     The one-hot input goes through the same layer as float vectors (its projection x W_ihᵀ picks the same
     row of W_ih that the token-id lookup picks), so autograd can differentiate with respect to it."""
-    x = F.one_hot(ids, vocab_size).float().unsqueeze(0).requires_grad_(True)  # (1, T, V)
+    dtype = next(model.parameters()).dtype
+    x = F.one_hot(ids, vocab_size).to(dtype).unsqueeze(0).requires_grad_(True)  # (1, T, V)
     log_p = model(x, torch.tensor([ids.shape[0]]))[0, target]
     (g,) = torch.autograd.grad(log_p, x)
     return g[0].gather(1, ids.unsqueeze(1)).squeeze(1)  # (T,)
@@ -329,7 +330,7 @@ def vanishing_gradients(cells: list[str], steps: int = 100, batch: int = 32, hid
             raise ValueError(f"unknown cell {name!r}; known cells: {', '.join(sorted(CELLS))}")
         torch.manual_seed(seed)
         model = Regressor(name, hidden)
-        if forget_bias and model.rnn.cells[0].gate_names[:2] == ("i", "f"):
+        if forget_bias and model.rnn.cells[0].gate_names[:2] == ("i", "f") and hasattr(model.rnn, "bias_ih_l0"):
             with torch.no_grad():
                 model.rnn.bias_ih_l0[hidden : 2 * hidden] += forget_bias
 
