@@ -25,7 +25,7 @@ from . import data as datamod
 from . import distributed
 from .data import Examples, read_examples
 from .errors import UserError
-from .model import HISTORY, PRESETS, Config, load_description, load_model, write_json
+from .model import CHECKPOINT, HISTORY, PRESETS, Config, load_description, load_model, write_json
 from .train import BagOfWordsLogReg, Interrupted, classification_metrics, label_indices, train
 
 
@@ -139,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def train_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config, given = config_from_args(args)
-    if args.resume and (out / "config.json").exists():
+    if args.resume and (out / CHECKPOINT).exists():  # before the first checkpoint, resuming starts over
         saved, _, _ = load_description(out)
         for name, value in given.items():
             if getattr(saved, name) != getattr(config, name):
@@ -274,14 +274,14 @@ def add_demo_parser(subparsers) -> None:
                               "(negation, contrast with 'but', intensifiers), train the default model on it, "
                               "and compare its test accuracy with a bag-of-words logistic regression. Offline.")
     p.add_argument("--out", metavar="DIR", help="keep the trained model here (default: a temporary directory)")
-    p.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0, help="seed of data and training")
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed of data and training")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: less data, fewer epochs
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    n, epochs = (600, 2) if args.quick else (4000, 4)
+    n, epochs = (400, 2) if args.quick else (4000, 4)
     examples = datamod.make_order_task(n, args.seed)
     train_idx, val_idx, test_idx = datamod.stratified_split(examples.labels, [0.8, 0.1, 0.1], args.seed)
     train_set, val, test = examples.subset(train_idx), examples.subset(val_idx), examples.subset(test_idx)

@@ -141,12 +141,14 @@ def read_text(path: str | os.PathLike) -> str:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise UserError(
-            f"{p} line {line}: byte 0x{data[e.start]:02x} is not valid UTF-8; expected a UTF-8 text file"
+            f"{p} line {line}: byte 0x{data[e.start]:02x} is not valid UTF-8{hint}; expected a UTF-8 text file"
         ) from None
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
-        raise UserError(f"{p} line {line}: holds a NUL byte, so it looks binary; expected a text file")
+        raise UserError(f"{p} line {line}: holds a NUL byte, so it looks binary or UTF-16; expected a UTF-8 "
+                        "text file")
     return text
 
 
@@ -190,6 +192,8 @@ class _Reader:
         if not records:
             return
         first = [f.strip() for f in records[0][1].split("\t")]
+        if (text_column in first) != (label_column in first):  # a header that lacks one of the two columns
+            self.columns(first, text_column, label_column, "TSV header")
         if text_column in first and label_column in first:
             i_text, i_label = first.index(text_column), first.index(label_column)
             width, records = len(first), records[1:]
@@ -233,6 +237,9 @@ class _Reader:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 self.bad(n, f"expected one JSON object, found broken JSON ({e.msg} at column {e.colno})")
+                continue
+            except RecursionError:
+                self.bad(n, "expected one JSON object, found JSON nested too deeply to read")
                 continue
             if not isinstance(record, dict):
                 self.bad(n, f"expected a JSON object, found {type(record).__name__}")
@@ -452,8 +459,11 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash at any moment leaves either the old file or the new one:
     a temporary file in the same directory, fsync, os.replace, then fsync of the directory."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only or misnamed --out, a full disk: the user's to fix, so not a traceback
+        raise UserError(f"{path}: cannot be written ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
@@ -461,8 +471,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: cannot be written ({e.strerror or e}); the previous file is kept") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

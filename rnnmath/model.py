@@ -27,6 +27,7 @@ Model directory (every file written atomically; nothing is ever pickled)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ class Config:
     patience: int = field(default=5, metadata=_flag("stop after this many epochs without a better "
                                                     "validation accuracy", 1, 100_000))
     seed: int = field(default=0, metadata=_flag("seed of the split, initialisation, dropout and data order",
-                                                0, 2**63 - 1))
+                                                0, 2**32 - 1))  # the seeds derived from it must fit 64 bits
 
     def validate(self) -> Config:
         """Check every field's type and range; a UserError names the flag."""
@@ -131,8 +132,8 @@ PRESETS: dict[str, Config] = {
     "default": Config(),
     # the seed: one-hot over 400 words (+ PAD, UNK), tanh RNN of state 3, tanh dense 4 and 6, softmax over 2
     "seed": Config(cell="rnn", hidden=3, layers=1, bidirectional=False, pooling="last", dense=(4, 6),
-                   activation="tanh", dropout=0.0, vocab_size=400, max_len=30, epochs=30, lr=0.01,
-                   patience=8),
+                   activation="tanh", dropout=0.0, vocab_size=400, max_len=30, epochs=60, lr=0.05,
+                   patience=15),
 }
 
 
@@ -258,6 +259,20 @@ def save_description(directory: Path, config: Config, vocab: Vocabulary, labels:
     write_json(directory / LABELS, "labels", labels=labels)
 
 
+MAX_PARAMETERS = 2**30  # 4 GiB of float32 weights, about 16 GiB to train with Adam
+
+
+def check_size(config: Config, vocab_size: int, num_classes: int, source: str = "") -> None:
+    """A UserError if the classifier would have more than MAX_PARAMETERS parameters (counted on the meta
+    device, which allocates nothing and draws no random numbers): a clear message, not an out-of-memory crash."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in Classifier(config, vocab_size, num_classes).parameters())
+    if count > MAX_PARAMETERS:
+        raise UserError(f"{source + ': ' if source else ''}the model would have {count:,} parameters "
+                        f"({count * 4 / 2**30:.0f} GiB of weights), more than the {MAX_PARAMETERS:,} allowed; "
+                        "lower --hidden, --layers, --dense or --vocab-size")
+
+
 def load_description(directory: Path) -> tuple[Config, Vocabulary, list[str]]:
     if not directory.exists():
         raise UserError(f"{directory}: no such model directory")
@@ -275,6 +290,7 @@ def load_description(directory: Path) -> tuple[Config, Vocabulary, list[str]]:
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(y, str) for y in labels) \
             or len(set(labels)) != len(labels):
         raise UserError(f"{directory / LABELS}: \"labels\" must be a list of at least 2 distinct strings")
+    check_size(config, len(vocab), len(labels), str(directory / CONFIG))
     return config, vocab, labels
 
 
@@ -282,7 +298,8 @@ def write_safetensors(path: Path, kind: str, tensors: dict[str, Tensor], **conte
     """Write tensors atomically, with ``{"format": "rnnmath-<kind>", "format_version": 1, ...content}`` as
     JSON under the one metadata key "rnnmath" (one key: safetensors does not keep the order of several, and
     the file must be byte-for-byte reproducible)."""
-    document = {"format": f"rnnmath-{kind}", "format_version": FORMAT_VERSION, **content}
+    document = {"format": f"rnnmath-{kind}", "format_version": FORMAT_VERSION, **content,
+                "sha256": tensors_sha256(tensors)}
     blob = save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()},
                             metadata={"rnnmath": json.dumps(document, sort_keys=True)})
     atomic_write(path, blob)
@@ -308,7 +325,20 @@ def read_safetensors(path: Path, kind: str) -> tuple[dict[str, Tensor], dict]:
     if document.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: format_version {document.get('format_version')!r} is not supported "
                         f"(this rnnmath reads version {FORMAT_VERSION})")
+    if document.get("sha256") != tensors_sha256(tensors):
+        raise UserError(f"{path}: the tensors do not match the checksum stored with them; the file is damaged")
     return tensors, document
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 of the names, dtypes, shapes and bytes of ``tensors``: safetensors checks only its header, so a
+    flipped byte inside a weight would otherwise load silently."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_weights(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
@@ -337,7 +367,8 @@ def load_model(directory: str | Path) -> TrainedModel:
     model = Classifier(config, len(vocab), len(labels))
     path = directory / WEIGHTS
     if not path.is_file() and (directory / CONFIG).is_file():
-        raise UserError(f"{path} is missing: training has not finished its first epoch in {directory}")
+        raise UserError(f"{path} is missing: training has not finished its first epoch in {directory}, "
+                        "or the file was removed")
     tensors, _ = read_safetensors(path, "weights")
     load_weights(model, tensors, path)
     model.eval()

@@ -35,6 +35,7 @@ from .model import (
     WEIGHTS,
     Classifier,
     Config,
+    check_size,
     load_description,
     load_weights,
     read_safetensors,
@@ -191,10 +192,17 @@ def train(
             raise UserError(f"{train_set.source}: the training data has a single class {labels[0]!r}; "
                             "expected at least two labels")
         vocab = Vocabulary.build(train_set.texts, config.vocab_size)
+        check_size(config, len(vocab), len(labels))
         distributed.barrier()  # every process has checked --out before rank 0 writes to it
         if distributed.is_main():
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
             save_description(out, config, vocab, labels)
+    if distributed.is_main():  # the temporary files of a run killed while writing (see atomic_write)
+        for litter in [*out.glob(".*.json.*.tmp"), *out.glob(".*.safetensors.*.tmp")]:
+            litter.unlink(missing_ok=True)
     ids, lengths = encode(train_set.texts, vocab, config.max_len)  # (N, T), (N,)
     y = label_indices(train_set, labels)  # (N,)
     val_ids, val_lengths = encode(val_set.texts, vocab, config.max_len)
@@ -247,10 +255,12 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 if ctrl_c.requested:
+                    check_finite(model, f"epoch {epoch + 1}, batch {b + 1}", out)
                     save_checkpoint(out, model, optimizer, state)
                     raise Interrupted(f"interrupted at epoch {epoch + 1}, batch {b + 1}: saved a checkpoint in "
                                       f"{out}; continue with the same command and --resume")
 
+            check_finite(model, f"the end of epoch {epoch + 1}", out)  # never checkpoint a broken model
             val_rows = distributed.rows(len(val_y))  # this process's share of the validation set (all alone)
             val_pred = model.log_probs(val_ids[val_rows], val_lengths[val_rows]).argmax(1)
             accuracy = distributed.mean((val_pred == val_y[val_rows]).double())
@@ -274,6 +284,14 @@ def train(
                 log(f"epoch {epoch + 1}: loss {state['history'][-1]['train_loss']:.4f}, "
                     f"validation accuracy {accuracy:.4f}")
     return _finish(out, state, log)
+
+
+def check_finite(model: Classifier, where: str, out: Path) -> None:
+    """A UserError, before anything is saved, if a weight has become NaN or infinite."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(f"training stopped at {where}: the weight {name} became non-finite; the last good "
+                            f"checkpoint in {out} is kept (try a lower --lr)")
 
 
 def _history(state: dict) -> dict:
