@@ -483,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"rnnmath: error: {distributed.who()}{e}", file=sys.stderr)
-        distributed.record_failure(f"{e}")  # for torchrun's summary, when it started this process
+        if not distributed.record_failure(f"{e}"):  # under --workers the launcher prints it, once
+            print(f"rnnmath: error: {distributed.who()}{e}", file=sys.stderr)
         return 2
     except distributed.WorkerFailed as e:
         print(f"rnnmath: error: {e}", file=sys.stderr)
@@ -507,9 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"rnnmath: error: {distributed.who()}stopped: another worker of the run is gone",
                       file=sys.stderr)
             return 1
-        distributed.record_failure(f"internal error: {type(e).__name__}: {message}")
-        print(f"rnnmath: internal error: {type(e).__name__}: {message} (set RNNMATH_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        if not distributed.record_failure(f"internal error: {type(e).__name__}: {message}"):
+            print(f"rnnmath: internal error: {type(e).__name__}: {message} (set RNNMATH_DEBUG=1 for the "
+                  "traceback)", file=sys.stderr)
         return 1
 
 

@@ -183,15 +183,18 @@ def seed_dropout(seed: int, epoch: int) -> None:
 
 
 # -- failures ----------------------------------------------------------------------------------------------
-def record_failure(message: str) -> None:
+def record_failure(message: str) -> bool:
     """Leave ``message`` where torchrun's agent looks for a worker's error (TORCHELASTIC_ERROR_FILE, in the
-    JSON layout of torch.distributed.elastic's ErrorHandler), so that its summary shows it."""
+    JSON layout of torch.distributed.elastic's ErrorHandler), so that its summary shows it. True when the
+    ``--workers`` launcher will print it, so the worker need not."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path or os.path.exists(path):
-        return
-    document = {"message": message, "timestamp": str(int(time.time()))}
-    with open(path, "w") as f:
-        json.dump(document, f)
+    if not path:
+        return False
+    if not os.path.exists(path):  # the first error is the cause
+        document = {"message": message, "timestamp": str(int(time.time()))}
+        with open(path, "w") as f:
+            json.dump(document, f)
+    return LAUNCHED_BY_WORKERS in os.environ
 
 
 def lost_peer(error: BaseException) -> bool:
@@ -243,12 +246,7 @@ def describe(rank: int, failure, world: int) -> str:
         except ValueError:
             name = f"signal {-failure.exitcode}"
         return f"worker rank {rank} of {world} was killed by {name}; the run stopped"
-    if not recorded(failure):
-        reason = " and no message"
-    elif rank == 0:  # rank 0's output is not redirected: its message is on the screen already
-        reason = " (its message is above)"
-    else:
-        reason = f": {failure.message}"
+    reason = f": {failure.message}" if recorded(failure) else " and no message"
     return f"worker rank {rank} of {world} stopped the run with exit code {failure.exitcode}{reason}"
 
 
@@ -273,8 +271,8 @@ def launch(workers: int, args: Sequence[str], entrypoint: Sequence[str] | None =
     # the agent logs its configuration and each failure at length; the one line below says what matters
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="rnnmath-workers-") as logs:
-        # rank 0 prints (progress, epochs, its errors); the others' output goes to files, and a failure
-        # among them is reported below from the error it recorded (record_failure)
+        # rank 0 prints (progress, epochs); the others' output goes to files; a worker's error is printed
+        # below, once, from the file it recorded (record_failure)
         quiet = {i: Std.ALL for i in range(1, workers)}
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=workers, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
