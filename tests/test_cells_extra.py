@@ -400,6 +400,18 @@ def test_readable_path_compiles_without_graph_breaks(name):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru", "mingru"])
+def test_fast_layer_compiles_too(name):
+    """With fast=True the fused autograd.Function paths step aside under compile; minGRU's scan compiles."""
+    torch._dynamo.reset()
+    layer = make_layer(name, dtype=torch.float32)
+    x = torch.randn(3, 2, 3, requires_grad=True)
+    out, _ = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, lengths=torch.tensor([3, 1]))
+    want, _ = layer(x, lengths=torch.tensor([3, 1]))
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+
+
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("name", list(CELLS))
 def test_vmap_and_grad_equal_eager(name, fast):
