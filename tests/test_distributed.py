@@ -76,7 +76,7 @@ def _worker(rank: int, port: int, root: str) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
     import rnnmath.data
-    import rnnmath.model
+    import rnnmath.train  # noqa: F401 (imports every module that writes)
 
     writes = []
     original = rnnmath.data.atomic_write
@@ -85,8 +85,9 @@ def _worker(rank: int, port: int, root: str) -> None:
         writes.append(Path(path).name)
         original(path, content)
 
-    for module in (rnnmath.data, rnnmath.model):  # model.py imported the function by name
-        module.atomic_write = recording_write
+    for name, module in list(sys.modules.items()):  # also where it was imported by name (model.py)
+        if name.startswith("rnnmath") and getattr(module, "atomic_write", None) is original:
+            module.atomic_write = recording_write
     with distributed.process_group():
         for name, n in SIZES.items():
             train(CONFIG, *data(n), Path(root) / name)
