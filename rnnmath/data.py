@@ -214,20 +214,28 @@ class _Reader:
         reader = csv.reader(lines, strict=True)
         start = 1
         header = None
-        try:
-            for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # the reader starts afresh on the next line, so the record can be skipped
                 line, start = start, reader.line_num + 1
-                if not any(f.strip() for f in row):
-                    continue
                 if header is None:
-                    header = [f.strip() for f in row]
-                    i_text, i_label = self.columns(header, text_column, label_column, "CSV header")
-                elif len(row) != len(header):
-                    self.bad(line, f"expected {len(header)} comma-separated fields as in the header, found {len(row)}")
-                else:
-                    self.add(line, row[i_text], row[i_label])
-        except csv.Error as e:
-            raise UserError(f"{self.name} line {start}: broken CSV ({e}); expected properly quoted fields") from None
+                    raise UserError(f"{self.name} line {line}: broken CSV header ({e}); expected properly quoted "
+                                    "column names") from None
+                self.bad(line, f"broken CSV ({e}); expected properly quoted fields")
+                continue
+            line, start = start, reader.line_num + 1
+            if not any(f.strip() for f in row):
+                continue
+            if header is None:
+                header = [f.strip() for f in row]
+                i_text, i_label = self.columns(header, text_column, label_column, "CSV header")
+            elif len(row) != len(header):
+                self.bad(line, f"expected {len(header)} comma-separated fields as in the header, found {len(row)}")
+            else:
+                self.add(line, row[i_text], row[i_label])
 
     def read_jsonl(self, records, text_column: str, label_column: str) -> None:
         for n, line in records:

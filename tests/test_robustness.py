@@ -203,6 +203,21 @@ def test_on_bad_line_skip_counts_and_names_the_lines(model, files, tmp_path, cap
     assert_one_error(code, err, "all 2 records are bad")
 
 
+def test_on_bad_line_skip_in_csv_and_jsonl(model, tmp_path, capsys):
+    csv_path = tmp_path / "some_bad.csv"
+    csv_path.write_text('text,label\ngood,positive\n"bad" oops,negative\nbad,negative,x\n"fine, really",positive\n')
+    jsonl_path = tmp_path / "some_bad.jsonl"
+    jsonl_path.write_text('{"text": "good", "label": "positive"}\n{"text": "bad"\n[1]\n{"text": "x", "label": 1.5}\n'
+                          '{"text": "bad", "label": "negative"}\n{"text": "y"}\n')
+    for path, skipped, n in [(csv_path, [3, 4], 2), (jsonl_path, [2, 3, 4, 6], 2)]:
+        code, out, err = run(capsys, "evaluate", model, "--data", path, "--on-bad-line", "skip", "--json")
+        assert code == 0 and "Traceback" not in err, err
+        assert json.loads(out)["n"] == n and json.loads(out)["skipped_lines"] == skipped
+        assert f"skipped {len(skipped)} bad line(s) of {path}: {', '.join(map(str, skipped))}" in err
+        code, _, err = run(capsys, "evaluate", model, "--data", path)
+        assert_one_error(code, err, f"{path.name} line {skipped[0]}", "--on-bad-line skip")
+
+
 # -- 2. legal but odd input works --------------------------------------------------------------------------
 ODD_TEXTS = [
     "",  # empty text
