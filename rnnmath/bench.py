@@ -291,7 +291,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = grid(args.quick, args.cells, args.hidden, args.steps, args.batch)
-    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    def log(*message) -> None:  # progress on stderr; stdout carries only the tables or the JSON
+        print(*message, file=sys.stderr, flush=True)
+
     peak = matmul_peak(device)
     log(f"matmul peak: {peak:.1f} GFLOP/s")
     rows = []
