@@ -144,11 +144,11 @@ def class_probabilities(probabilities: Tensor, tokens: Sequence[str] | None, lab
     return fig
 
 
-def _log_curves(ax, curves: dict[str, Tensor], ylabel: str) -> None:
+def _log_curves(ax, curves: dict[str, Tensor], ylabel: str, start: int = 0) -> None:
     for label, values in curves.items():
         v = _array(values)
         v = np.where(v > 0, v, np.nan)  # log scale: exact zeros (no path) are left out, not drawn at -inf
-        ax.plot(range(len(v)), v, marker="o" if len(v) <= 60 else None, markersize=3, label=label)
+        ax.plot(range(start, start + len(v)), v, marker="o" if len(v) <= 60 else None, markersize=3, label=label)
     ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
@@ -197,10 +197,10 @@ def vanishing_figure(curves: dict[str, Tensor], title: str) -> Figure:
     T = len(_array(next(iter(curves.values()))))
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
-    _log_curves(ax, curves, "‖∂L/∂h_t‖ (mean over sequences)")
-    ax.set_xlabel("time step t (the loss reads the state at the last step)")
+    _log_curves(ax, curves, "‖∂L/∂h_t‖ (mean over sequences)", start=1)
+    ax.set_xlabel(f"time step t (the loss reads h_T, T = {T})")
     ax.set_title(title, fontsize=11, loc="left")
-    ax.set_xlim(-1, T)
+    ax.set_xlim(0, T + 1)
     return fig
 
 
