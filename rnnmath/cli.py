@@ -478,7 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # a usage error exits with 2
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # a usage error exits with 2
+    if extra and isinstance(getattr(args, "texts", None), list) and not any(e.startswith("-") for e in extra):
+        args.texts += extra  # `predict DIR --json a b`: argparse ends the TEXT list at the first flag
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = sys.argv[1:] if argv is None else list(argv)  # for --workers, which reruns the command
     try:
         return args.func(args)

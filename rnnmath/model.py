@@ -325,7 +325,9 @@ def read_safetensors(path: Path, kind: str) -> tuple[dict[str, Tensor], dict]:
     if document.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: format_version {document.get('format_version')!r} is not supported "
                         f"(this rnnmath reads version {FORMAT_VERSION})")
-    if document.get("sha256") != tensors_sha256(tensors):
+    # files written before the checksum was added have none: they still load (it guards against damage, not
+    # against a forger, who could recompute it)
+    if "sha256" in document and document["sha256"] != tensors_sha256(tensors):
         raise UserError(f"{path}: the tensors do not match the checksum stored with them; the file is damaged")
     return tensors, document
 

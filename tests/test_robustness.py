@@ -256,7 +256,7 @@ def test_odd_but_legal_texts_train_evaluate_and_predict(files, tmp_path, capsys)
     code, report_jsonl, err = run(capsys, "evaluate", out, "--data", tmp_path / "odd.jsonl", "--json")
     assert code == 0 and json.loads(report_jsonl) == json.loads(report), err  # the same records either way
 
-    code, printed, err = run(capsys, "predict", "--json", out, *ODD_TEXTS, big)
+    code, printed, err = run(capsys, "predict", out, "--json", *ODD_TEXTS, big)  # TEXTs after a flag too
     assert code == 0, err
     rows = [json.loads(line) for line in printed.splitlines()]
     assert [r["text"] for r in rows] == ODD_TEXTS + [big]
