@@ -315,7 +315,7 @@ class CellFlow:
 
 
 def vanishing_gradients(cells: list[str], steps: int = 100, batch: int = 32, hidden: int = 32, seed: int = 0,
-                        train: bool = False, iterations: int = 300, forget_bias: float = 0.0) -> list[CellFlow]:
+                        train: bool = False, iterations: int = 1000, forget_bias: float = 0.0) -> list[CellFlow]:
     """‖∂L/∂h_t‖ over t for each cell kind on the same adding-problem sequences (T=steps), with
     L = ½ Σ_b (ŷ_b − y_b)² and torch.nn's default initialisation (seeded, the same for every cell);
     with ``train``, again after ``iterations`` Adam steps on the adding problem.
