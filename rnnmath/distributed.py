@@ -179,7 +179,7 @@ def seed_dropout(seed: int, epoch: int) -> None:
     boundary draws what an uninterrupted one would.
     """
     if world_size() > 1:
-        torch.manual_seed((seed * 1_000_003 + epoch) * 65_537 + rank())
+        torch.manual_seed(((seed * 1_000_003 + epoch) * 65_537 + rank()) % 2**63)  # manual_seed takes < 2**63
 
 
 # -- failures ----------------------------------------------------------------------------------------------
