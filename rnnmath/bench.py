@@ -13,9 +13,10 @@ How the figures are made (the rules of /work/shared/BENCHMARKING.md):
   2·B·I·G and the recurrent product 2·B·H·G; a training step is three times the forward (the backward pass
   has two products per forward product). Achieved GFLOP/s stand beside the measured throughput of a large
   square matmul (``peak``) in the same run;
-* **peak memory** of a training step: ``resource.getrusage`` maxrss of a fresh subprocess per configuration
-  and implementation (on CUDA: ``torch.cuda.max_memory_allocated``); ``step MB`` is the growth during the
-  step itself, over what the process held after building the layer and its input.
+* **peak memory** of a training step: the peak resident memory of a fresh subprocess per configuration and
+  implementation (Linux: VmHWM of /proc/self/status, because getrusage's maxrss survives exec and would report
+  the parent's peak; elsewhere getrusage maxrss; on CUDA ``torch.cuda.max_memory_allocated``); ``step MB`` is
+  the peak during the step minus the resident memory after building the layer and its input.
 
 Implementations: ``rnnmath`` (the layer's fast path, :mod:`rnnmath.fused`), ``torch.nn`` (native kernels:
 oneDNN's LSTM on CPU, cuDNN on CUDA), ``readable`` (the same rnnmath layer with ``fast = False``: the
@@ -192,10 +193,22 @@ def memory_probe(impl: str, cell: str, hidden: int, steps: int, batch: int, inpu
         train()
         peak = torch.cuda.max_memory_allocated()
         return {"peak_mb": peak / 2**20, "step_mb": (peak - before) / 2**20}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    before = resident_kib("VmRSS")
     train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mb": peak / 1024, "step_mb": (peak - before) / 1024}
+    return {"peak_mb": resident_kib("VmHWM") / 1024, "step_mb": (resident_kib("VmHWM") - before) / 1024}
+
+
+def resident_kib(field: str) -> int:
+    """Resident memory (KiB) of this process: VmRSS now, or VmHWM, its peak.
+
+    On Linux getrusage's ru_maxrss survives exec: a probe started by a large parent reports the parent's
+    peak (we measured 1020 MB for every probe), so read /proc/self/status, whose VmHWM starts with the new
+    program. Elsewhere fall back to ru_maxrss, the peak of this process."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
 
 
 def measure_memory(impl: str, cell: str, hidden: int, steps: int, batch: int, input_size: int, device: str) -> dict:
@@ -216,12 +229,18 @@ def grid(quick: bool, cells, hidden, steps, batch) -> list[Config]:
 
 
 def repeats_for(config: Config, repeats: int | None, quick: bool) -> int:
-    """Fewer rounds where one round takes seconds (H = 1024) or in --quick."""
+    """Fewer rounds where one round takes seconds (H = 1024) or in --quick (run_config adds rounds to short ones)."""
     if repeats:
         return repeats
     if config.hidden >= 1024:
         return 3
     return 5 if quick else 11
+
+
+def more_rounds(fns: dict[str, Callable[[], None]], repeats: int, device: str, seconds: float = 1.0) -> int:
+    """Short calls are the noisiest: give them rounds up to about `seconds` in all (at most 101)."""
+    round_time = sum(min(interleaved({name: fn}, 1, 0, device)[name]) for name, fn in fns.items())
+    return max(repeats, min(101, int(seconds / round_time)))
 
 
 def run_config(config: Config, repeats: int, device: str, peak: float) -> list[dict]:
@@ -231,9 +250,11 @@ def run_config(config: Config, repeats: int, device: str, peak: float) -> list[d
     rows = []
     for mode in ("train", "infer"):
         fns = {impl: step_function(m, x, mode) for impl, m in models.items()}
-        times = interleaved(fns, repeats, warmup=2 if config.hidden < 1024 else 1, device=device)
+        warmup = 2 if config.hidden < 1024 else 1
+        rounds = more_rounds(fns, repeats, device) if config.hidden < 1024 else repeats
+        times = interleaved(fns, rounds, warmup, device)
         flops = config.flops_per_step() * config.steps * (3 if mode == "train" else 1)
-        row = {**asdict(config), "mode": mode, "repeats": repeats, "flops_per_step": config.flops_per_step()}
+        row = {**asdict(config), "mode": mode, "repeats": rounds, "flops_per_step": config.flops_per_step()}
         for impl in IMPLS:
             t = statistics.median(times[impl])
             row[f"{impl} ms"] = t * 1e3
