@@ -67,6 +67,9 @@ def parse_set(items: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5, help="split seeds 0..N-1 (default 5)")
+    parser.add_argument("--only-seeds", metavar="K,K", help="run just these split seeds (e.g. one process each, "
+                        "with --json, then --merge)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table of several --json outputs")
     parser.add_argument("--data-dir", help="offline copy of the data (default: ../shared/data if present)")
     parser.add_argument("--presets", default="default,seed", help="comma-separated presets (default default,seed)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -75,31 +78,53 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    if args.merge:
+        return print_merged(args.merge, args.json)
     examples = load_sentences(args.data_dir)
     overrides = parse_set(args.set)
     rows: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
-    for seed in range(args.seeds):
+    seeds = [int(k) for k in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
+    for seed in seeds:
         train_idx, test_idx = data.stratified_split(examples.labels, [0.8, 0.2], seed)
-        runs = [(f"{p} preset", lambda p=p: run_preset(p, overrides, examples, train_idx, test_idx, seed))
+        runs = [(f"{p} preset", run_preset, (p, overrides, examples, train_idx, test_idx, seed))
                 for p in args.presets.split(",") if p]
         if not args.no_bow:
-            runs.append(("bag-of-words LR, top-400 words", lambda: run_bow(examples, train_idx, test_idx)))
-        for name, run in runs:
+            runs.append(("bag-of-words LR, top-400 words", run_bow, (examples, train_idx, test_idx)))
+        for name, run, run_args in runs:
             start = time.perf_counter()
-            rows.setdefault(name, []).append(run())
+            rows.setdefault(name, []).append(run(*run_args))
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
             print(f"seed {seed}: {name}: {rows[name][-1]:.4f}", file=sys.stderr)
 
+    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                   "machine": platform.processor() or platform.machine(), "overrides": overrides,
+                   "n": len(examples), "seeds": list(seeds)}
+    print_results(rows, seconds, environment, args.json)
+
+
+def print_merged(paths: list[str], as_json: bool) -> None:
+    """Combine the --json outputs of runs over different split seeds (in the order given)."""
+    rows: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    environment: dict = {}
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        for name, r in run["results"].items():
+            rows.setdefault(name, []).extend(r["per_seed"])
+            seconds[name] = seconds.get(name, 0.0) + r["seconds"]
+        seeds = environment.get("seeds", []) + run["environment"]["seeds"]
+        environment = {**run["environment"], "seeds": seeds}
+    print_results(rows, seconds, environment, as_json)
+
+
+def print_results(rows: dict[str, list[float]], seconds: dict[str, float], environment: dict, as_json: bool) -> None:
     results = {
         name: {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                "per_seed": accs, "seconds": seconds[name]}
         for name, accs in rows.items()
     }
-    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-                   "machine": platform.processor() or platform.machine(), "overrides": overrides,
-                   "n": len(examples), "seeds": args.seeds}
-    if args.json:
+    if as_json:
         print(json.dumps({"results": results, "environment": environment}, indent=1))
         return
     print("| model | test accuracy (mean ± std) | per seed | time (all seeds) |")
@@ -107,8 +132,9 @@ def main() -> None:
     for name, r in results.items():
         per_seed = " ".join(f"{a:.3f}" for a in r["per_seed"])
         print(f"| {name} | {r['mean']:.3f} ± {r['std']:.3f} | {per_seed} | {r['seconds']:.0f} s |")
-    print(f"\n{len(examples)} sentences, {args.seeds} split seeds, torch {environment['torch']}, "
-          f"{environment['threads']} threads" + (f", overrides {overrides}" if overrides else ""))
+    print(f"\n{environment['n']} sentences, split seeds {environment['seeds']}, torch {environment['torch']}, "
+          f"{environment['threads']} thread(s) per process"
+          + (f", overrides {environment['overrides']}" if environment["overrides"] else ""))
 
 
 if __name__ == "__main__":
