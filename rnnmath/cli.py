@@ -281,7 +281,7 @@ def add_demo_parser(subparsers) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    n, epochs = (400, 2) if args.quick else (4000, 4)
+    n, epochs = (400, 2) if args.quick else (3000, 3)
     examples = datamod.make_order_task(n, args.seed)
     train_idx, val_idx, test_idx = datamod.stratified_split(examples.labels, [0.8, 0.1, 0.1], args.seed)
     train_set, val, test = examples.subset(train_idx), examples.subset(val_idx), examples.subset(test_idx)
