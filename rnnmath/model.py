@@ -41,7 +41,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from . import CELLS, Recurrent
-from .data import Vocabulary, atomic_write
+from .data import Vocabulary, atomic_write, encode
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -211,8 +211,6 @@ class TrainedModel:
 
     def predict(self, texts: list[str]) -> Tensor:
         """Probabilities (N, C) of ``texts``, columns in the order of ``labels``."""
-        from .data import encode
-
         ids, lengths = encode(texts, self.vocab, self.config.max_len)
         return self.model.log_probs(ids, lengths).exp()
 

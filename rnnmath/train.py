@@ -219,7 +219,7 @@ def train(
         if state["data"] != data_id:
             raise UserError(f"--resume: the training/validation data differ from those of the run in {out}")
         if state["done"]:
-            return _finish(out, state, log)
+            return _finish(state, log)
     net = distributed.wrap(model)  # DDP over several processes; the model itself when alone
     batches_per_epoch = math.ceil(len(y) / (config.batch_size * distributed.world_size()))
     bar = tqdm(total=config.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
@@ -283,7 +283,7 @@ def train(
             if log:
                 log(f"epoch {epoch + 1}: loss {state['history'][-1]['train_loss']:.4f}, "
                     f"validation accuracy {accuracy:.4f}")
-    return _finish(out, state, log)
+    return _finish(state, log)
 
 
 def check_finite(model: Classifier, where: str, out: Path) -> None:
@@ -299,7 +299,7 @@ def _history(state: dict) -> dict:
             "best_val_accuracy": state["best_accuracy"], "done": state["done"]}
 
 
-def _finish(out: Path, state: dict, log) -> dict:
+def _finish(state: dict, log) -> dict:
     if log and state["bad_epochs"] and state["done"]:
         log(f"best validation accuracy {state['best_accuracy']:.4f} at epoch {state['best_epoch']}")
     return _history(state)
