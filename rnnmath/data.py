@@ -508,7 +508,8 @@ INTENSIFIERS = ("very", "really", "so", "extremely", "quite", "truly")
 def make_order_task(n: int, seed: int) -> Examples:
     """``n`` sentences labelled "positive"/"negative" whose label depends on word order, from ``random.Random(seed)``.
 
-    Four kinds, in equal shares:
+    Four kinds, each drawn with equal chance (the first two add a twin pair, so they make up two thirds of
+    the sentences):
 
     * contrast, the clause after "but" decides: "the food was good but slow" (negative) and its twin
       "the food was slow but good" (positive): the same bag of words with opposite labels;
@@ -516,7 +517,7 @@ def make_order_task(n: int, seed: int) -> Examples:
       noisy and not clean" (negative): again the same bag of words with opposite labels;
     * plain negation: "the coffee was not very fresh" (negative), "the staff was never rude" (positive):
       "not" flips good to bad and bad to good, which no weighted sum of words can do (an XOR);
-    * intensified: "the view was really lovely" (positive).
+    * plain: "the view was lovely", "the view was really lovely" (positive).
 
     Intensifiers ("very", "really", ...) appear at random and never change the label. Twins are emitted
     next to each other; ``lines`` holds each sentence's 1-based index.
