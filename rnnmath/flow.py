@@ -262,37 +262,19 @@ class Regressor(nn.Module):
         return self.out(h[-1]).squeeze(1)  # (B,)
 
 
-def _torch_twin(rnn: Recurrent) -> nn.Module | None:
-    """torch.nn's layer with the same weights, for the built-in cells: its native kernel trains faster on a
-    CPU, and the weights load back into rnnmath's layer unchanged (the same names and layout)."""
-    twins = {"RNNCell": nn.RNN, "LSTMCell": nn.LSTM, "GRUCell": nn.GRU}
-    twin = twins.get(type(rnn.cells[0]).__name__)
-    if twin is None or rnn.num_layers != 1 or rnn.bidirectional:
-        return None
-    layer = twin(rnn.input_size, rnn.hidden_size)
-    layer.load_state_dict(rnn.state_dict())
-    return layer
-
-
 def train_adding(model: Regressor, steps: int, iterations: int, seed: int, lr: float = 0.01) -> float:
     """Train ``model`` on the adding problem of length ``steps`` with Adam (batches of 64, gradient norm
     clipped to 1); return the mean squared error on 1,000 fresh sequences (predicting the mean scores 1/6)."""
-    twin = _torch_twin(model.rnn)
-    rnn = twin if twin is not None else model.rnn
-    params = [*rnn.parameters(), *model.out.parameters()]
+    params = list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
         x, y = adding_problem(steps, 64, generator)
-        _, h_n = rnn(x)
-        h = h_n[0] if isinstance(h_n, tuple) else h_n
-        loss = F.mse_loss(model.out(h[-1]).squeeze(1), y)
+        loss = F.mse_loss(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-    if twin is not None:
-        model.rnn.load_state_dict(twin.state_dict())
     with torch.no_grad():
         x, y = adding_problem(steps, 1000, torch.Generator().manual_seed(seed + 1))
         return float(F.mse_loss(model(x), y))
