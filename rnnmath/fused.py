@@ -10,10 +10,11 @@ here compute the same thing faster and the tests hold them equal. Three things m
   of the same layout, as ``cell.step`` does, so its values are bit-identical to the readable loop's (and
   therefore to a traced run). Nothing is recorded for autograd per step.
 * **Backward**: backpropagation through time written out by hand, the math of :mod:`rnnmath.reference`.
-  Only ∂L/∂h_{t-1} = ∂L/∂G_t W_hh (plus the cell's direct paths) is sequential. The gradients of the gate
-  pre-activations ∂L/∂G_t go into one (T, B, G) buffer, from which ∂L/∂W_hh = Σ_t ∂L/∂G_tᵀ h_{t-1} is ONE
-  matrix product over all steps, ∂L/∂b_hh one sum, and ∂L/∂xw is returned whole, so the layer's input
-  projection gets its weight gradient as one product as well.
+  Only ∂L/∂h_{t-1} = ∂L/∂G_t W_hh (plus the cell's direct paths) is sequential; the LSTM computes the
+  activation derivatives that do not depend on the carried gradients for all steps before its loop. The
+  gradients of the gate pre-activations ∂L/∂G_t go into one (T, B, G) buffer, from which
+  ∂L/∂W_hh = Σ_t ∂L/∂G_tᵀ h_{t-1} is ONE matrix product over all steps, ∂L/∂b_hh one sum, and ∂L/∂xw is
+  returned whole, so the layer's input projection gets its weight gradient as one product as well.
 * **Lengths**: ``mask`` (T, B, 1) is True while step t is inside sequence b. Outside, the state is carried
   unchanged and the output is zero, exactly as in ``scan``; in the backward pass the candidate state gets no
   gradient there and the carried gradient passes straight through.
@@ -136,7 +137,21 @@ class _RNNScan(torch.autograd.Function):
 
 
 class _LSTMScan(torch.autograd.Function):
-    """i, f, g, o = σ, σ, tanh, σ of (x_t + b_hh + h_{t-1} W_hhᵀ); c_t = f c_{t-1} + i g; h_t = o tanh(c_t)."""
+    """i, f, g, o = σ, σ, tanh, σ of (x_t + b_hh + h_{t-1} W_hhᵀ); c_t = f c_{t-1} + i g; h_t = o tanh(c_t).
+
+    Backward, per step, with ∂L/∂h_t and ∂L/∂c_t carried back from step t+1::
+
+        ∂L/∂c_t     += ∂L/∂h_t ⊙ K_t               K_t = o ⊙ (1 − tanh² c_t)
+        ∂L/∂G_t      = [∂L/∂c_t ⊙ P_t | ∂L/∂h_t ⊙ Q_t]
+                       P_t = [g ⊙ i(1 − i) | c_{t-1} ⊙ f(1 − f) | i ⊙ (1 − g²)],  Q_t = tanh(c_t) ⊙ o(1 − o)
+        ∂L/∂c_{t-1}  = ∂L/∂c_t ⊙ f
+        ∂L/∂h_{t-1}  = ∂L/∂out_{t-1} + ∂L/∂G_t W_hh
+
+    K, P and Q do not depend on the carried gradients, so they are computed for all steps at once before the
+    loop (P and Q straight into ∂L/∂G's buffer, which the loop then scales in place), leaving five ops a step
+    instead of about fifteen. The forward pass keeps tanh(c_t) for this, one more (T, B, H) buffer. f + i ⊙ g
+    stays two products and a sum (addcmul would fuse them and round differently from ``cell.step``).
+    """
 
     @staticmethod
     def forward(ctx, xw, h0, c0, weight_hh, bias_hh, mask):
@@ -145,24 +160,28 @@ class _LSTMScan(torch.autograd.Function):
         gates = _plus_bias(xw, bias_hh)  # (T, B, 4H): x_t + b_hh, then the activated gates in place
         hs = xw.new_empty(T, B, H)  # (T, B, H)
         cs = xw.new_empty(T, B, H)  # (T, B, H)
+        tanh_cs = xw.new_empty(T, B, H)  # (T, B, H): tanh(c_t), which the backward pass needs as well
         fc, ig = xw.new_empty(B, H), xw.new_empty(B, H)  # (B, H) scratch for f ⊙ c and i ⊙ g
         w_t = weight_hh.t()
         keep, _ = _steps(mask, T)
+        # each gate activated on its own (B, H) slice as in cell.step: one sigmoid over i | f together would
+        # send other elements through the kernels' scalar tail loop, which rounds differently from the vector one
         i, f, g, o = _per_step(gates.chunk(4, dim=2))  # (B, H) views of each step's gates
         h, c = h0, c0
-        for t, (a, c_t, h_t) in enumerate(zip(gates.unbind(0), cs.unbind(0), hs.unbind(0))):
+        for t, (a, c_t, h_t, tc) in enumerate(zip(gates.unbind(0), cs.unbind(0), hs.unbind(0), tanh_cs.unbind(0))):
             a.addmm_(h, w_t)
             i[t].sigmoid_()
             f[t].sigmoid_()
             g[t].tanh_()
             o[t].sigmoid_()
+            # f ⊙ c + i ⊙ g as two products and a sum: addcmul would fuse them (FMA) and round differently
             torch.add(torch.mul(f[t], c, out=fc), torch.mul(i[t], g[t], out=ig), out=c_t)
-            torch.mul(o[t], torch.tanh(c_t, out=fc), out=h_t)
+            torch.mul(o[t], torch.tanh(c_t, out=tc), out=h_t)
             if mask is not None:
                 torch.where(keep[t], c_t, c, out=c_t)
                 torch.where(keep[t], h_t, h, out=h_t)
             h, c = h_t, c_t
-        ctx.save_for_backward(gates, hs, cs, h0, c0, weight_hh, mask)
+        ctx.save_for_backward(gates, hs, cs, tanh_cs, h0, c0, weight_hh, mask)
         ctx.has_bias = bias_hh is not None
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone(), c.clone()
@@ -170,40 +189,46 @@ class _LSTMScan(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_output, grad_hn, grad_cn):
-        gates, hs, cs, h0, c0, weight_hh, mask = ctx.saved_tensors
-        T = gates.shape[0]
-        keep, drop = _steps(mask, T)
+        gates, hs, cs, tanh_cs, h0, c0, weight_hh, mask = ctx.saved_tensors
+        T, B, G = gates.shape
+        H = G // 4
+        keep, _ = _steps(mask, T)
         grad_output = _masked_grad(grad_output, mask)
-        dG = torch.empty_like(gates)  # (T, B, 4H): ∂L/∂ of the gate pre-activations
-        dh = grad_hn.clone(memory_format=torch.contiguous_format)  # (B, H): ∂L/∂h_t, carried back
+        i, f, g, o = gates.chunk(4, dim=2)  # (T, B, H) views
+        dG = torch.empty_like(gates)  # (T, B, 4H): ∂L/∂ of the gate pre-activations; first P_t | Q_t
+        dG_i, dG_f, dG_g, dG_o = dG.chunk(4, dim=2)
+        _sigmoid_backward(g, i, grad_input=dG_i)  # g ⊙ i(1 − i)
+        _sigmoid_backward(cs[:-1], f[1:], grad_input=dG_f[1:])  # c_{t-1} ⊙ f(1 − f)
+        _sigmoid_backward(c0, f[0], grad_input=dG_f[0])
+        _tanh_backward(i, g, grad_input=dG_g)  # i ⊙ (1 − g²)
+        _sigmoid_backward(tanh_cs, o, grad_input=dG_o)  # Q = tanh(c_t) ⊙ o(1 − o)
+        K = torch.ops.aten.tanh_backward(o, tanh_cs)  # (T, B, H): o ⊙ (1 − tanh² c_t)
+        f_carry = f
+        if mask is not None:
+            # past a sequence's length the gates get no gradient and ∂L/∂c passes through unchanged (K = 0, f → 1)
+            dG.masked_fill_(~mask, 0.0)
+            K.masked_fill_(~mask, 0.0)
+            f_carry = f.masked_fill(~mask, 1.0)  # (T, B, H)
+        P = dG[:, :, : 3 * H].unflatten(2, (3, H)).unbind(0)  # (B, 3, H) per step: i | f | g
+        Q, K, f_carry = dG_o.unbind(0), K.unbind(0), f_carry.unbind(0)
+        dG_, grad_output = dG.unbind(0), grad_output.unbind(0)
+        dh = torch.add(grad_hn, grad_output[T - 1])  # (B, H): ∂L/∂h_t, carried back
         dc = grad_cn.clone(memory_format=torch.contiguous_format)  # (B, H): ∂L/∂c_t, carried back
-        tanh_c, tmp = torch.empty_like(dh), torch.empty_like(dh)  # (B, H) scratch
-        dc_new = torch.empty_like(dh) if mask is not None else dc
-        H = dh.shape[1]
-        i, f, g, o = _per_step(gates.chunk(4, dim=2))
-        di, df, dg, do = _per_step(dG.chunk(4, dim=2))
-        if_, dif = gates[:, :, : 2 * H].unbind(0), dG[:, :, : 2 * H].unbind(0)  # i and f side by side
-        cs_, grad_output = cs.unbind(0), grad_output.unbind(0)
+        back = torch.empty_like(dh) if mask is not None else None  # (B, H) scratch
         for t in reversed(range(T)):
-            c_prev = cs_[t - 1] if t > 0 else c0
-            dh.add_(grad_output[t])
-            torch.tanh(cs_[t], out=tanh_c)
-            _sigmoid_backward(torch.mul(dh, tanh_c, out=do[t]), o[t], grad_input=do[t])  # ∂h/∂o = tanh(c_t)
-            _tanh_backward(torch.mul(dh, o[t], out=tmp), tanh_c, grad_input=tmp)  # ∂h/∂c_t = o (1 − tanh² c_t)
-            torch.add(dc, tmp, out=dc_new)  # ∂L/∂c_t: from h_t and from c_{t+1}
-            torch.mul(dc_new, g[t], out=di[t])  # ∂c/∂i = g
-            torch.mul(dc_new, c_prev, out=df[t])  # ∂c/∂f = c_{t-1}
-            _sigmoid_backward(dif[t], if_[t], grad_input=dif[t])  # through σ for i and f in one pass
-            _tanh_backward(torch.mul(dc_new, i[t], out=dg[t]), g[t], grad_input=dg[t])  # ∂c/∂g = i
-            if mask is not None:
-                dG[t].masked_fill_(drop[t], 0.0)
-                torch.where(keep[t], dc_new.mul_(f[t]), dc, out=dc)  # ∂L/∂c_{t-1}, carried where masked
-                if t > 0 or ctx.needs_input_grad[1]:
-                    torch.where(keep[t], torch.mm(dG[t], weight_hh, out=tmp), dh, out=dh)
-            else:
-                dc.mul_(f[t])  # ∂L/∂c_{t-1} = ∂L/∂c_t ⊙ f
-                if t > 0 or ctx.needs_input_grad[1]:
-                    torch.mm(dG[t], weight_hh, out=dh)  # ∂L/∂h_{t-1} = ∂L/∂G_t W_hh
+            dc.addcmul_(dh, K[t])  # ∂L/∂c_t: from c_{t+1} and through h_t = o tanh(c_t)
+            P[t].mul_(dc[:, None, :])  # ∂L/∂(i, f, g) pre-activations
+            Q[t].mul_(dh)  # ∂L/∂o pre-activation
+            dc.mul_(f_carry[t])  # ∂L/∂c_{t-1} = ∂L/∂c_t ⊙ f
+            if t == 0:
+                if ctx.needs_input_grad[1]:
+                    new = torch.mm(dG_[0], weight_hh)  # (B, H)
+                    dh = new if mask is None else torch.where(keep[0], new, dh)
+                break
+            if mask is None:
+                torch.addmm(grad_output[t - 1], dG_[t], weight_hh, out=dh)  # ∂L/∂h_{t-1} = ∂L/∂out + ∂L/∂G_t W_hh
+            else:  # h_{t-1} carried unchanged past the length: its gradient passes through
+                torch.where(keep[t], torch.mm(dG_[t], weight_hh, out=back), dh, out=dh).add_(grad_output[t - 1])
         dW, db = _weight_grads(ctx, dG, h0, hs, 3)
         dh0 = dh if ctx.needs_input_grad[1] else None
         dc0 = dc if ctx.needs_input_grad[2] else None
