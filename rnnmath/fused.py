@@ -149,8 +149,8 @@ class _LSTMScan(torch.autograd.Function):
 
     K, P and Q do not depend on the carried gradients, so they are computed for all steps at once before the
     loop (P and Q straight into ∂L/∂G's buffer, which the loop then scales in place), leaving five ops a step
-    instead of about fifteen. The forward pass keeps tanh(c_t) for this, one more (T, B, H) buffer. f + i ⊙ g
-    stays two products and a sum (addcmul would fuse them and round differently from ``cell.step``).
+    instead of about fifteen. tanh(c_t) is recomputed for them, so the forward pass saves nothing more; its
+    f ⊙ c + i ⊙ g stays two products and a sum (addcmul would fuse them and round differently from ``cell.step``).
     """
 
     @staticmethod
@@ -160,7 +160,6 @@ class _LSTMScan(torch.autograd.Function):
         gates = _plus_bias(xw, bias_hh)  # (T, B, 4H): x_t + b_hh, then the activated gates in place
         hs = xw.new_empty(T, B, H)  # (T, B, H)
         cs = xw.new_empty(T, B, H)  # (T, B, H)
-        tanh_cs = xw.new_empty(T, B, H)  # (T, B, H): tanh(c_t), which the backward pass needs as well
         fc, ig = xw.new_empty(B, H), xw.new_empty(B, H)  # (B, H) scratch for f ⊙ c and i ⊙ g
         w_t = weight_hh.t()
         keep, _ = _steps(mask, T)
@@ -168,7 +167,7 @@ class _LSTMScan(torch.autograd.Function):
         # send other elements through the kernels' scalar tail loop, which rounds differently from the vector one
         i, f, g, o = _per_step(gates.chunk(4, dim=2))  # (B, H) views of each step's gates
         h, c = h0, c0
-        for t, (a, c_t, h_t, tc) in enumerate(zip(gates.unbind(0), cs.unbind(0), hs.unbind(0), tanh_cs.unbind(0))):
+        for t, (a, c_t, h_t) in enumerate(zip(gates.unbind(0), cs.unbind(0), hs.unbind(0))):
             a.addmm_(h, w_t)
             i[t].sigmoid_()
             f[t].sigmoid_()
@@ -176,12 +175,12 @@ class _LSTMScan(torch.autograd.Function):
             o[t].sigmoid_()
             # f ⊙ c + i ⊙ g as two products and a sum: addcmul would fuse them (FMA) and round differently
             torch.add(torch.mul(f[t], c, out=fc), torch.mul(i[t], g[t], out=ig), out=c_t)
-            torch.mul(o[t], torch.tanh(c_t, out=tc), out=h_t)
+            torch.mul(o[t], torch.tanh(c_t, out=fc), out=h_t)
             if mask is not None:
                 torch.where(keep[t], c_t, c, out=c_t)
                 torch.where(keep[t], h_t, h, out=h_t)
             h, c = h_t, c_t
-        ctx.save_for_backward(gates, hs, cs, tanh_cs, h0, c0, weight_hh, mask)
+        ctx.save_for_backward(gates, hs, cs, h0, c0, weight_hh, mask)
         ctx.has_bias = bias_hh is not None
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone(), c.clone()
@@ -189,7 +188,7 @@ class _LSTMScan(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_output, grad_hn, grad_cn):
-        gates, hs, cs, tanh_cs, h0, c0, weight_hh, mask = ctx.saved_tensors
+        gates, hs, cs, h0, c0, weight_hh, mask = ctx.saved_tensors
         T, B, G = gates.shape
         H = G // 4
         keep, _ = _steps(mask, T)
@@ -201,8 +200,9 @@ class _LSTMScan(torch.autograd.Function):
         _sigmoid_backward(cs[:-1], f[1:], grad_input=dG_f[1:])  # c_{t-1} ⊙ f(1 − f)
         _sigmoid_backward(c0, f[0], grad_input=dG_f[0])
         _tanh_backward(i, g, grad_input=dG_g)  # i ⊙ (1 − g²)
-        _sigmoid_backward(tanh_cs, o, grad_input=dG_o)  # Q = tanh(c_t) ⊙ o(1 − o)
-        K = torch.ops.aten.tanh_backward(o, tanh_cs)  # (T, B, H): o ⊙ (1 − tanh² c_t)
+        K = torch.tanh(cs)  # (T, B, H): tanh(c_t), then K in place
+        _sigmoid_backward(K, o, grad_input=dG_o)  # Q = tanh(c_t) ⊙ o(1 − o)
+        _tanh_backward(o, K, grad_input=K)  # K = o ⊙ (1 − tanh² c_t)
         f_carry = f
         if mask is not None:
             # past a sequence's length the gates get no gradient and ∂L/∂c passes through unchanged (K = 0, f → 1)
