@@ -166,7 +166,7 @@ class Classifier(nn.Module):
         if self.config.pooling == "last":
             return last
         T = output.shape[1]
-        padding = torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T)
+        padding = torch.arange(T, device=ids.device).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T)
         pooled = output.masked_fill(padding.unsqueeze(2), -math.inf).amax(dim=1)  # (B, D·H)
         pooled = pooled.masked_fill((lengths == 0).unsqueeze(1), 0.0)  # a sentence without words
         return pooled if self.config.pooling == "max" else torch.cat([last, pooled], dim=1)
