@@ -119,6 +119,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, result: str) -> None:
                 times[kind].append(time.perf_counter() - start)
     if rank == 0:
         Path(result).write_text(json.dumps({"times": times, "parameters": flat.numel()}))
+    dist.barrier()  # neither rank tears gloo down while the other may still use it (a SIGABRT otherwise)
     dist.destroy_process_group()
 
 
