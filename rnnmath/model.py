@@ -81,6 +81,19 @@ class Config:
                                                                   "Ghahramani 2016)", 0, 1))
     zoneout: float = field(default=0.0, metadata=_flag("keep each state unit's previous value with this "
                                                         "probability at each step (Krueger et al. 2017)", 0, 1))
+    embedding_dim: int = field(default=0, metadata=_flag("size E of the word embeddings the recurrent layer "
+                                                         "reads; 0 feeds it one-hot ids (W_ih is then the "
+                                                         "embedding)", 0, 65536))
+    embeddings: str = field(default="", metadata=_flag("word-vector text file (word2vec/GloVe/fastText, .gz too) "
+                                                       "to initialise the embeddings from; sets --embedding-dim "
+                                                       "to its size"))
+    freeze_embeddings: bool = field(default=False, metadata=_flag("keep the --embeddings vectors fixed in "
+                                                                  "training"))
+    ngram_dim: int = field(default=0, metadata=_flag("size of a bag of word uni- and bigram embeddings, averaged "
+                                                     "over the sentence and set beside the recurrent features "
+                                                     "(fastText, Joulin et al. 2017); 0 for none", 0, 65536))
+    ngram_buckets: int = field(default=100_000, metadata=_flag("hash buckets of the word bigrams of the n-gram "
+                                                               "bag", 1, 100_000_000))
     vocab_size: int = field(default=5000, metadata=_flag("the N most frequent training words kept (plus PAD "
                                                          "and UNK)", 1, 10_000_000))
     max_len: int = field(default=50, metadata=_flag("words kept per sentence; the rest are cut", 1, 100_000))
@@ -123,6 +136,8 @@ class Config:
             raise UserError("--dropout and --word-dropout must be below 1")
         if self.recurrent_dropout >= 1 or self.zoneout >= 1:
             raise UserError("--recurrent-dropout and --zoneout must be below 1")
+        if self.freeze_embeddings and not self.embeddings:
+            raise UserError("--freeze-embeddings needs --embeddings FILE (there is nothing to keep fixed)")
         return self
 
 
@@ -143,13 +158,22 @@ class Classifier(nn.Module):
     def __init__(self, config: Config, vocab_size: int, num_classes: int) -> None:
         super().__init__()
         self.config = config
+        E = config.embedding_dim
+        self.embedding = nn.Embedding(vocab_size, E, padding_idx=0) if E else None  # (V, E)
+        if self.embedding is not None and config.freeze_embeddings:
+            self.embedding.weight.requires_grad_(False)
         self.rnn = Recurrent(
-            CELLS[config.cell], vocab_size, config.hidden, num_layers=config.layers, batch_first=True,
+            CELLS[config.cell], E or vocab_size, config.hidden, num_layers=config.layers, batch_first=True,
             dropout=config.dropout if config.layers > 1 else 0.0, bidirectional=config.bidirectional,
             recurrent_dropout=config.recurrent_dropout, zoneout=config.zoneout,
         )
         directions = 2 if config.bidirectional else 1
         width = directions * config.hidden * (2 if config.pooling == "last+max" else 1)  # F
+        self.ngrams = None
+        if config.ngram_dim:  # rows: the V words, then the bigram buckets
+            self.ngrams = nn.Embedding(vocab_size + config.ngram_buckets, config.ngram_dim)
+            nn.init.uniform_(self.ngrams.weight, -1 / config.ngram_dim, 1 / config.ngram_dim)  # as fastText
+            width += config.ngram_dim
         self.dense = nn.ModuleList()
         for size in config.dense:
             self.dense.append(nn.Linear(width, size))
@@ -158,18 +182,38 @@ class Classifier(nn.Module):
 
     def features(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """Sentence features (B, F) from ids (B, T) and true lengths (B,); padding is never read."""
-        output, h_n = self.rnn(ids, lengths=lengths)  # (B, T, D·H), (L·D, B, H)
+        x = ids if self.embedding is None else self.embedding(ids)  # (B, T) ids or (B, T, E)
+        output, h_n = self.rnn(x, lengths=lengths)  # (B, T, D·H), (L·D, B, H)
         if isinstance(h_n, tuple):  # several state fields (LSTM: h, c): the first is h
             h_n = h_n[0]
         D = 2 if self.config.bidirectional else 1
         last = h_n[-D:].transpose(0, 1).reshape(ids.shape[0], -1)  # (B, D·H): top layer, at the true last word
         if self.config.pooling == "last":
-            return last
-        T = output.shape[1]
-        padding = torch.arange(T, device=ids.device).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T)
-        pooled = output.masked_fill(padding.unsqueeze(2), -math.inf).amax(dim=1)  # (B, D·H)
-        pooled = pooled.masked_fill((lengths == 0).unsqueeze(1), 0.0)  # a sentence without words
-        return pooled if self.config.pooling == "max" else torch.cat([last, pooled], dim=1)
+            features = last
+        else:
+            T = output.shape[1]
+            padding = torch.arange(T, device=ids.device).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T)
+            pooled = output.masked_fill(padding.unsqueeze(2), -math.inf).amax(dim=1)  # (B, D·H)
+            pooled = pooled.masked_fill((lengths == 0).unsqueeze(1), 0.0)  # a sentence without words
+            features = pooled if self.config.pooling == "max" else torch.cat([last, pooled], dim=1)
+        if self.ngrams is not None:
+            features = torch.cat([features, self.ngram_bag(ids, lengths)], dim=1)
+        return features
+
+    def ngram_bag(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        """Mean embedding (B, N) of a sentence's words and of its hashed word bigrams, as fastText's
+        supervised model reads a sentence (Joulin et al. 2017, "Bag of Tricks for Efficient Text
+        Classification"). Bigram (a, b) of word ids goes to row V + (a·1000003 + b) mod buckets; an empty
+        sentence gives zeros."""
+        V = self.ngrams.num_embeddings - self.config.ngram_buckets
+        T = ids.shape[1]
+        bigrams = V + (ids[:, :-1] * 1_000_003 + ids[:, 1:]) % self.config.ngram_buckets  # (B, T-1)
+        rows = torch.cat([ids, bigrams], dim=1)  # (B, 2T-1)
+        t = torch.arange(T, device=ids.device).unsqueeze(0)  # (1, T)
+        valid = torch.cat([t < lengths.unsqueeze(1), t[:, 1:] < lengths.unsqueeze(1)], dim=1)  # (B, 2T-1)
+        weights = valid.to(self.ngrams.weight.dtype)
+        total = (self.ngrams(rows) * weights.unsqueeze(2)).sum(dim=1)  # (B, N)
+        return total / weights.sum(dim=1, keepdim=True).clamp(min=1)
 
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
         x = F.dropout(self.features(ids, lengths), self.config.dropout, self.training)  # (B, F)
@@ -237,9 +281,14 @@ def read_json(path: Path, kind: str) -> dict:
     return document
 
 
+# the value a field had before it existed: a model saved then lacks the field and is rebuilt as it was trained
+LEGACY = {"embedding_dim": 0, "ngram_dim": 0, "embeddings": "", "freeze_embeddings": False}
+
+
 def config_from_dict(values: Any, source: str) -> Config:
     if not isinstance(values, dict):
         raise UserError(f"{source}: \"config\" must be a JSON object")
+    values = {**{k: v for k, v in LEGACY.items() if k not in values}, **values}
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - names)
     if unknown:
