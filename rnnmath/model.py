@@ -3,13 +3,18 @@
 Shape letters: B batch, T time, V vocabulary ids (words + PAD + UNK), H hidden, D directions, F features,
 C classes.
 
-The classifier has no embedding layer: the recurrent layer takes token ids, i.e. one-hot vectors over V,
-whose input projection W_ih x is a row lookup of W_ih (an embedding by another name)::
+With ``embedding_dim`` 0 the classifier has no embedding layer: the recurrent layer takes token ids, i.e.
+one-hot vectors over V, whose input projection W_ih x is a row lookup of W_ih (an embedding by another
+name); with ``embedding_dim`` E it reads rows of an embedding matrix (V, E), which ``--embeddings`` can
+initialise from pretrained vectors (rnnmath.embeddings)::
 
-    output, h_n = rnn(ids, lengths)          # (B, T, D·H); h_n: the state at each sentence's true last word
+    x_t = ids_t, or embedding[ids_t]         # (B, T) or (B, T, E)
+    output, h_n = rnn(x, lengths)            # (B, T, D·H); h_n: the state at each sentence's true last word
     last = h_n of the top layer, directions side by side                         # (B, D·H)
     pooled = max over t < length of output   # only with pooling "max" or "last+max"  (B, D·H)
     x = dropout([last | pooled])                                                 # (B, F)
+    x = [x | bag]     only with ngram_dim N: the mean of the sentence's word and hashed word-bigram
+                      embeddings, fastText's sentence vector (Joulin et al. 2017)  # (B, F + N)
     x = activation(W_k x + b_k) for each dense layer
     log p(class) = log_softmax(W_out x + b_out)                                  # (B, C)
 
@@ -196,8 +201,6 @@ class Classifier(nn.Module):
             pooled = output.masked_fill(padding.unsqueeze(2), -math.inf).amax(dim=1)  # (B, D·H)
             pooled = pooled.masked_fill((lengths == 0).unsqueeze(1), 0.0)  # a sentence without words
             features = pooled if self.config.pooling == "max" else torch.cat([last, pooled], dim=1)
-        if self.ngrams is not None:
-            features = torch.cat([features, self.ngram_bag(ids, lengths)], dim=1)
         return features
 
     def ngram_bag(self, ids: Tensor, lengths: Tensor) -> Tensor:
@@ -217,6 +220,8 @@ class Classifier(nn.Module):
 
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
         x = F.dropout(self.features(ids, lengths), self.config.dropout, self.training)  # (B, F)
+        if self.ngrams is not None:  # beside the dropped-out recurrent features, as fastText reads it: no dropout
+            x = torch.cat([x, self.ngram_bag(ids, lengths)], dim=1)  # (B, F + N)
         for layer in self.dense:
             x = ACTIVATIONS[self.config.activation](layer(x))
         return F.log_softmax(self.out(x), dim=1)  # (B, C)
