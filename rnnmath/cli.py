@@ -85,16 +85,29 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict]:
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading data files")
     group.add_argument("--format", choices=datamod.FORMATS, default="auto",
-                       help="file format; auto: by extension (.csv, .jsonl/.json, else TSV) (default: auto)")
-    group.add_argument("--text-column", default="text", help="name of the text column or key (default: text)")
-    group.add_argument("--label-column", default="label", help="name of the label column or key (default: label)")
+                       help="file layout: tsv, csv (with a header, or --text-column/--label-column numbers), "
+                            "jsonl, label-first ('<label> <text>', the Kim 2014 benchmark files), fasttext "
+                            "('__label__<name> <text>'); auto: by extension (.csv, .jsonl/.json, else TSV) "
+                            "(default: auto)")
+    group.add_argument("--text-column", default="text",
+                       help="name of the text column or key, or its 1-based number in a TSV/CSV file without a "
+                            "header (default: text)")
+    group.add_argument("--label-column", default="label",
+                       help="name of the label column or key, or its 1-based number in a TSV/CSV file without a "
+                            "header (default: label)")
+    group.add_argument("--encoding", default="utf-8",
+                       help="text encoding of the files, any Python codec name; auto: UTF-8, else Windows-1252, "
+                            "said on standard error (default: utf-8)")
     group.add_argument("--on-bad-line", choices=datamod.ON_BAD_LINE, default="error",
                        help="a malformed record stops with an error naming it, or is skipped and counted "
                             "(default: error)")
 
 
 def read_data(args: argparse.Namespace, path: str) -> Examples:
-    examples = read_examples(path, args.format, args.text_column, args.label_column, args.on_bad_line)
+    examples = read_examples(path, args.format, args.text_column, args.label_column, args.on_bad_line,
+                             args.encoding)
+    for note in examples.notes:
+        print(f"rnnmath: {note}", file=sys.stderr)
     if examples.skipped:
         shown = ", ".join(map(str, examples.skipped[:20])) + (", ..." if len(examples.skipped) > 20 else "")
         print(f"rnnmath: skipped {len(examples.skipped)} bad line(s) of {path}: {shown}", file=sys.stderr)
@@ -119,6 +132,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--workers", type=_number(int, 1, 4096), default=1, metavar="N",
                    help="train with N local processes (data-parallel, through torch.distributed's launcher, "
                         "as torchrun --nproc_per_node=N does); --batch-size is per process (default: 1)")
+    p.add_argument("--max-labels", type=_number(int, 2, 10_000_000), default=None, metavar="N",
+                   help="allow up to N distinct labels (default: 50, and labels must not be unique to most rows: "
+                        "such a label column is text, e.g. columns swapped)")
     add_config_flags(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_train)
@@ -147,6 +163,7 @@ def train_command(args: argparse.Namespace) -> int:
                                 f"({getattr(saved, name)}); leave it out with --resume")
         config = saved
     examples = read_data(args, args.data)
+    datamod.check_labels(examples, args.max_labels)
     val = read_data(args, args.val) if args.val else None
     test = read_data(args, args.test) if args.test else None
     fractions = [0.8 if val is None and test is None else 0.9 if val is None or test is None else 1.0]

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed
+from .common import classification_metrics  # noqa: F401  (re-exported: part of this module's API)
 from .data import Examples, Vocabulary, encode, tokenize
 from .errors import UserError
 from .model import (
@@ -51,32 +52,7 @@ class Interrupted(Exception):
     """Ctrl-C during training: a checkpoint was saved; the message says where and how to resume."""
 
 
-# -- metrics -----------------------------------------------------------------------------------------------
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, macro F1 and the confusion matrix
-    (``confusion[i][j]``: examples of class i predicted as class j). A ratio with a zero denominator is 0."""
-    C = len(labels)
-    confusion = [[0] * C for _ in range(C)]
-    for t, p in zip(y_true, y_pred):
-        confusion[t][p] += 1
-    n = len(y_true)
-    per_class = {}
-    for c, label in enumerate(labels):
-        tp = confusion[c][c]
-        predicted = sum(confusion[r][c] for r in range(C))
-        actual = sum(confusion[c])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    return {
-        "n": n,
-        "accuracy": sum(confusion[c][c] for c in range(C)) / n if n else 0.0,
-        "macro_f1": sum(m["f1"] for m in per_class.values()) / C,
-        "per_class": per_class,
-        "labels": list(labels),
-        "confusion": confusion,
-    }
+# -- metrics: rnnmath.common.classification_metrics (re-exported here) --------------------------------
 
 
 def label_indices(examples: Examples, labels: Sequence[str]) -> Tensor:
