@@ -1,8 +1,13 @@
-"""The ``rnnmath`` command: train, evaluate, predict, demo, datasets.
+"""The ``rnnmath`` command: train, evaluate, predict, demo, datasets, bench, inspect, flow.
 
 Each subcommand is a pair of functions, ``add_<name>_parser(subparsers)`` that declares its flags and
 ``cmd_<name>(args) -> int`` that runs it; ``SUBCOMMANDS`` lists the first of each pair. To add a command,
 write the pair and append the parser function to ``SUBCOMMANDS``.
+
+Start-up stays fast (``rnnmath --help`` under 0.5 s): this module and what it imports at the top (config,
+data, common, errors) never import torch, matplotlib or numpy. A ``cmd_<name>`` imports its tool module
+inside the function; a parser whose flags live in a heavy module declares them only when that command runs
+(see ``running``).
 
 Exit codes: 0 success; 2 bad usage or bad data (one line ``rnnmath: error: ...`` naming the file and line,
 or the flag); 1 internal error (one line; the traceback with RNNMATH_DEBUG=1); 130 interrupted by Ctrl-C
@@ -22,11 +27,17 @@ import traceback
 from pathlib import Path
 
 from . import data as datamod
-from . import distributed
+from .config import PRESETS, Config
 from .data import Examples, read_examples
-from .errors import UserError
-from .model import CHECKPOINT, HISTORY, PRESETS, Config, load_description, load_model, write_json
-from .train import BagOfWordsLogReg, Interrupted, classification_metrics, label_indices, train
+from .errors import Interrupted, UserError
+
+_COMMAND: str | None = None  # the subcommand this process runs, once main has seen argv (None: all)
+
+
+def running(command: str) -> bool:
+    """Whether this process runs ``command`` (or builds every parser, as tests do): a parser whose flags
+    need a heavy import declares them only then."""
+    return _COMMAND in (None, command)
 
 
 # -- flag types: a bad value is an argparse error (exit 2) that names the flag ------------------------------
@@ -66,8 +77,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.type.startswith("tuple"):
             group.add_argument(flag, type=_int_list, default=None, metavar="N,N", help=help_text)
-        elif meta["choices"] is not None:
-            group.add_argument(flag, choices=meta["choices"](), default=None, help=help_text)
+        elif isinstance(meta["choices"], tuple):  # a function: Config.validate checks it (it imports torch)
+            group.add_argument(flag, choices=meta["choices"], default=None, help=help_text)
         elif f.type == "str":
             group.add_argument(flag, default=None, help=help_text)
         else:
@@ -141,6 +152,8 @@ def add_train_parser(subparsers) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
+
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if distributed.launched() and args.workers not in (1, local_world):
         raise UserError(f"--workers {args.workers}: this process is already one of {local_world} started by "
@@ -153,6 +166,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .common import classification_metrics
+    from .model import CHECKPOINT, HISTORY, load_description, load_model, write_json
+    from .train import label_indices, train
+
     out = Path(args.out)
     config, given = config_from_args(args)
     if args.resume and (out / CHECKPOINT).exists():  # before the first checkpoint, resuming starts over
@@ -209,6 +227,10 @@ def add_evaluate_parser(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .common import classification_metrics
+    from .model import load_model
+    from .train import label_indices
+
     trained = load_model(args.model)
     examples = read_data(args, args.data)
     y = label_indices(examples, trained.labels)
@@ -249,6 +271,8 @@ def add_predict_parser(subparsers) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .model import load_model
+
     trained = load_model(args.model)
     texts = args.texts if args.texts else read_stdin_lines()
     probabilities = trained.predict(texts)
@@ -297,6 +321,9 @@ def add_demo_parser(subparsers) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .model import load_model
+    from .train import BagOfWordsLogReg, label_indices, train
+
     start = time.perf_counter()
     n, epochs = (400, 2) if args.quick else (3000, 3)
     examples = datamod.make_order_task(n, args.seed)
@@ -402,13 +429,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 # -- bench -------------------------------------------------------------------------------------------------
 def add_bench_parser(subparsers) -> None:
-    from . import bench
-
     p = subparsers.add_parser("bench", help="speed and peak memory against torch.nn (docs/benchmarks.md)",
                               description="Training step and inference of RNN/LSTM/GRU: rnnmath's fast path vs "
                               "torch.nn's native layers and the readable loop, the seed's one-hot loop, the "
                               "matmul roofline and peak memory. The full grid takes long on 2 cores: try --quick.")
-    bench.add_arguments(p)
+    if running("bench"):  # bench.py imports torch
+        from . import bench
+
+        bench.add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -433,6 +461,7 @@ def add_inspect_parser(subparsers) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import flow, plots
+    from .model import load_model
 
     reading = flow.read_sentence(load_model(args.model), args.text)
     path = plots.write_reading_report(reading, args.out)
@@ -481,6 +510,31 @@ def cmd_flow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers():
+    """rnnmath.distributed where the command imported it (train); where not, nothing runs in several
+    processes, and a stand-in answers for it without importing torch."""
+    return sys.modules.get("rnnmath.distributed") or _NoWorkers
+
+
+class _NoWorkers:
+    """Stands in for rnnmath.distributed in ``main`` when the command never imported it (one process)."""
+
+    class WorkerFailed(Exception):
+        exit_code = 1
+
+    @staticmethod
+    def record_failure(message: str) -> bool:
+        return False
+
+    @staticmethod
+    def who() -> str:
+        return ""
+
+    @staticmethod
+    def lost_peer(error: BaseException) -> bool:
+        return False
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser,
                add_bench_parser, add_inspect_parser, add_flow_parser]
@@ -496,22 +550,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _COMMAND
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _COMMAND = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        return _main(argv)
+    finally:
+        _COMMAND = None
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # a usage error exits with 2
     if extra and isinstance(getattr(args, "texts", None), list) and not any(e.startswith("-") for e in extra):
         args.texts += extra  # `predict DIR --json a b`: argparse ends the TEXT list at the first flag
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # for --workers, which reruns the command
+    args.argv = argv  # for --workers, which reruns the command
     try:
         return args.func(args)
     except UserError as e:
+        distributed = _workers()
         if not distributed.record_failure(f"{e}"):  # under --workers the launcher prints it, once
             print(f"rnnmath: error: {distributed.who()}{e}", file=sys.stderr)
         return 2
-    except distributed.WorkerFailed as e:
-        print(f"rnnmath: error: {e}", file=sys.stderr)
-        return e.exit_code
     except Interrupted as e:
         print(f"rnnmath: {e}", file=sys.stderr)
         return 130
@@ -522,6 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as e:
+        distributed = _workers()
+        if isinstance(e, distributed.WorkerFailed):
+            print(f"rnnmath: error: {e}", file=sys.stderr)
+            return e.exit_code
         if os.environ.get("RNNMATH_DEBUG") == "1":
             traceback.print_exc()
         message = " ".join(str(e).split()) or "(no message)"

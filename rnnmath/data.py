@@ -20,8 +20,6 @@ import os
 import random
 import re
 import unicodedata
-import urllib.error
-import urllib.request
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -663,6 +661,9 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, cache_dir: str 
 
 def fetch(dataset: RemoteDataset, cache: Path) -> None:
     """Download ``dataset.url``, check its sha256, and write its files (each checked too) under ``cache``."""
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(dataset.url, timeout=60) as response:
             blob = response.read()

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import distributed
 from .common import classification_metrics  # noqa: F401  (re-exported: part of this module's API)
 from .data import Examples, Vocabulary, encode, tokenize
-from .errors import UserError
+from .errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
 from .model import (
     CHECKPOINT,
     CONFIG,
@@ -46,11 +46,6 @@ from .model import (
     write_json,
     write_safetensors,
 )
-
-
-class Interrupted(Exception):
-    """Ctrl-C during training: a checkpoint was saved; the message says where and how to resume."""
-
 
 # -- metrics: rnnmath.common.classification_metrics (re-exported here) --------------------------------
 

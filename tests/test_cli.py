@@ -164,7 +164,8 @@ def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monke
                                          ("--dropout", "1.5"), ("--cell", "transformer"), ("--dense", "4,a")])
 def test_bad_flag_values_are_usage_errors(flag, value, capsys):
     code, _, err = run(capsys, "train", "--data", "d", "--out", "o", flag, value)
-    assert code == 2 and f"argument {flag}" in err
+    assert code == 2 and (f"argument {flag}" in err or f"error: {flag} must be one of" in err)
+    assert "Traceback" not in err  # --cell is checked by Config.validate (no torch at start-up), the rest by argparse
 
 
 def test_unknown_label_at_evaluation(trained, tmp_path, capsys):
@@ -222,3 +223,14 @@ def test_demo_quick(capsys, tmp_path):
     assert "RNN (default preset)" in out and "bag-of-words logistic regression" in out
     assert "same words in another order and the opposite label" in out
     assert "predictions of the RNN" in out and (tmp_path / "demo" / "model.safetensors").exists()
+
+
+def test_help_imports_no_torch_numpy_or_matplotlib():
+    """``rnnmath --help`` and ``rnnmath predict --help`` stay fast: nothing heavy is imported to answer them."""
+    probe = ("import sys; from rnnmath import cli\n"
+             "for argv in (['--help'], ['predict', '--help'], ['train', '--help'], ['evaluate', '--help']):\n"
+             "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr.strip() == "[]", result.stderr
+    assert "train" in result.stdout and "--encoding" in result.stdout and "--max-labels" in result.stdout
