@@ -137,12 +137,16 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting configuration; 'seed' is the seed's tanh RNN (default: default)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (an error where "
+                   "--out holds no run)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its model files only); "
+                   "without it, an --out that holds a run is an error")
     p.add_argument("--json", action="store_true", help="print the history and test metrics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--workers", type=_number(int, 1, 4096), default=1, metavar="N",
                    help="train with N local processes (data-parallel, through torch.distributed's launcher, "
                         "as torchrun --nproc_per_node=N does); --batch-size is per process (default: 1)")
+    add_threads_flag(p)
     p.add_argument("--max-labels", type=_number(int, 2, 10_000_000), default=None, metavar="N",
                    help="allow up to N distinct labels (default: 50, and labels must not be unique to most rows: "
                         "such a label column is text, e.g. columns swapped)")
@@ -165,21 +169,65 @@ def cmd_train(args: argparse.Namespace) -> int:
         return train_command(args)
 
 
+def reader_options(args: argparse.Namespace) -> dict:
+    """``read_examples``'s keyword arguments from the data flags (saved in the split record)."""
+    return {"format": args.format, "text_column": args.text_column, "label_column": args.label_column,
+            "on_bad_line": args.on_bad_line, "encoding": args.encoding}
+
+
+def set_threads(args: argparse.Namespace) -> int:
+    """Apply ``--threads`` (or ``common.default_threads()``) to torch's intra-op pool; return the number."""
+    import torch
+
+    from .common import default_threads
+
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_number(int, 1, 4096), default=None, metavar="N",
+                        help="CPU threads for torch (default: the cores the 1-minute load average leaves idle, at "
+                             "least 1, or OMP_NUM_THREADS; see README 'Threads')")
+
+
 def train_command(args: argparse.Namespace) -> int:
     from . import distributed
-    from .common import classification_metrics
-    from .model import CHECKPOINT, HISTORY, load_description, load_model, write_json
+    from .common import classification_metrics, compact_metrics
+    from .model import (
+        CHECKPOINT,
+        CONFIG,
+        HISTORY,
+        RUN_FILES,
+        load_description,
+        load_model,
+        write_json,
+        write_split_record,
+    )
     from .train import label_indices, train
 
+    threads = set_threads(args)
     out = Path(args.out)
     config, given = config_from_args(args)
-    if args.resume and (out / CHECKPOINT).exists():  # before the first checkpoint, resuming starts over
-        saved, _, _ = load_description(out)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+    if args.resume and (out / CONFIG).exists():  # the run's own settings; other flags are a mistake
+        saved, _, _ = load_description(out) if (out / CHECKPOINT).exists() else (_saved_config(out), None, None)
         for name, value in given.items():
             if getattr(saved, name) != getattr(config, name):
                 raise UserError(f"--{name.replace('_', '-')} {value} differs from the run being resumed in {out} "
                                 f"({getattr(saved, name)}); leave it out with --resume")
         config = saved
+    if args.resume and not (out / CHECKPOINT).exists():
+        if not (out / CONFIG).exists():
+            raise UserError(f"--resume: {out} holds no checkpoint to resume (no run was started there); train "
+                            "without --resume")
+        print(f"rnnmath: {out} holds no checkpoint yet (the run stopped before the end of its first epoch): "
+              "starting that run over with its saved settings", file=sys.stderr)
+    if args.overwrite and distributed.is_main():
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     examples = read_data(args, args.data)
     datamod.check_labels(examples, args.max_labels)
     val = read_data(args, args.val) if args.val else None
@@ -188,21 +236,38 @@ def train_command(args: argparse.Namespace) -> int:
     fractions += [0.1] * ((val is None) + (test is None))
     parts = datamod.stratified_split(examples.labels, fractions, config.seed)
     train_set = examples.subset(parts.pop(0))
-    val = val if val is not None else examples.subset(parts.pop(0))
-    test = test if test is not None else examples.subset(parts.pop(0))
+    held = []
+    if val is None:
+        val = examples.subset(parts.pop(0))
+        held.append(f"validation {len(val)}")
+    if test is None:
+        test = examples.subset(parts.pop(0))
+        held.append(f"test {len(test)}")
+    quiet = args.quiet or args.json
+    if held and not quiet:
+        print(f"rnnmath: split {args.data} (stratified, seed {config.seed}): train {len(train_set)}, "
+              f"{', '.join(held)} sentences" + ("; no --test file was given, so 10% of --data is the test set"
+                                                if args.val and not args.test else ""), file=sys.stderr)
+    empty = sum(1 for t in train_set.texts if not datamod.tokenize(t))
+    if empty and not quiet:
+        print(f"rnnmath: {empty} of {len(train_set)} training sentences have no token at all (see README "
+              "'Tokenizer'); they are read as empty sentences", file=sys.stderr)
 
-    log = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr))
-    progress = not (args.quiet or args.json) and sys.stderr.isatty()
+    log = None if quiet else (lambda line: print(line, file=sys.stderr))
+    progress = not quiet and sys.stderr.isatty()
+    if log:
+        log(f"training on {threads} thread(s)")
     history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log)
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
+    write_split_record(out, {"train": train_set, "val": val, "test": test}, reader_options(args))
     result = {"model": str(out), "train": len(train_set), "val": len(val), **history}
     if len(test):
         trained = load_model(out)
         predicted = trained.predict(test.texts).argmax(1)
         result["test"] = classification_metrics(label_indices(test, trained.labels).tolist(), predicted.tolist(),
                                                 trained.labels)
-        write_json(out / HISTORY, "history", **history, test=result["test"])
+        write_json(out / HISTORY, "history", **history, test=compact_metrics(result["test"]))
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -215,28 +280,56 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_config(out: Path) -> Config:
+    from .model import CONFIG, config_from_dict, read_json
+
+    return config_from_dict(read_json(out / CONFIG, "config").get("config"), str(out / CONFIG))
+
+
 # -- evaluate ----------------------------------------------------------------------------------------------
 def add_evaluate_parser(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="accuracy, per-class precision/recall/F1, confusion matrix",
-                              description="Evaluate a trained model on labelled sentences.")
+                              description="Evaluate a trained model on labelled sentences: --data FILE, or "
+                              "--split test (val, train) to re-read exactly that part of the run's own files "
+                              "(recorded in DIR/split.json). Warns on standard error when evaluated sentences "
+                              "were also trained on.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
-    p.add_argument("--data", required=True, metavar="FILE", help="labelled sentences")
+    p.add_argument("--data", metavar="FILE", help="labelled sentences")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="evaluate this part of the run's split instead of --data")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, macro_f1, n, ...)")
+    add_threads_flag(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .common import classification_metrics
-    from .model import load_model
+    from .model import held_out, load_model, read_split_record, training_overlap
     from .train import label_indices
 
+    if (args.data is None) == (args.split is None):
+        raise UserError("give either --data FILE or --split test|val|train")
+    set_threads(args)
     trained = load_model(args.model)
-    examples = read_data(args, args.data)
+    if args.split:
+        examples = held_out(args.model, args.split)
+        for note in examples.notes:
+            print(f"rnnmath: {note}", file=sys.stderr)
+    else:
+        examples = read_data(args, args.data)
     y = label_indices(examples, trained.labels)
     predicted = trained.predict(examples.texts).argmax(1)
     metrics = classification_metrics(y.tolist(), predicted.tolist(), trained.labels)
     metrics["skipped_lines"] = examples.skipped
+    record = read_split_record(args.model)
+    if record is not None:
+        overlap = training_overlap(record, examples.texts)
+        metrics["train_overlap"] = overlap
+        if overlap and args.split != "train":
+            print(f"rnnmath: warning: {overlap} of {len(examples)} evaluated sentences ({overlap / len(examples):.1%}) "
+                  f"were also in the training data of {args.model}, so these figures overstate accuracy on new "
+                  f"text; 'rnnmath evaluate {args.model} --split test' evaluates the held-out part", file=sys.stderr)
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
         return 0
@@ -247,8 +340,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def format_metrics(metrics: dict) -> str:
     labels = metrics["labels"]
     width = max(8, *(len(y) for y in labels))
-    lines = [f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}   n {metrics['n']}", "",
-             f"{'label':<{width}}  precision  recall  f1      support"]
+    averaged = (f" (mean over the {len(metrics['macro_labels'])} labels present in true or predicted labels)"
+                if len(metrics["macro_labels"]) != len(labels) else "")
+    lines = [f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}{averaged}   n {metrics['n']}",
+             "", f"{'label':<{width}}  precision  recall  f1      support"]
     for label, m in metrics["per_class"].items():
         lines.append(f"{label:<{width}}  {m['precision']:<9.4f}  {m['recall']:<6.4f}  {m['f1']:<6.4f}  {m['support']}")
     lines += ["", "confusion matrix (rows: true label, columns: predicted)",
@@ -262,40 +357,80 @@ def format_metrics(metrics: dict) -> str:
 def add_predict_parser(subparsers) -> None:
     p = subparsers.add_parser("predict", help="label new sentences",
                               description="Print the label and its probability for each text: the TEXT "
-                              "arguments, or else one text per line of standard input.")
+                              "arguments, or else one text per line of standard input, each answered (and "
+                              "flushed) as soon as its line has arrived, so a program can write a line and read "
+                              "its answer.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: lines of standard input)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: text, label, probabilities (label -> probability)")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .model import load_model
 
+    set_threads(args)
     trained = load_model(args.model)
-    texts = args.texts if args.texts else read_stdin_lines()
-    probabilities = trained.predict(texts)
-    for text, p in zip(texts, probabilities.tolist()):
-        best = max(range(len(p)), key=p.__getitem__)
-        if args.json:
-            print(json.dumps({"text": text, "label": trained.labels[best],
-                              "probabilities": dict(zip(trained.labels, p))}))  # ASCII: no \u2028 in a line
-        else:
-            print(f"{trained.labels[best]}\t{p[best]:.4f}\t{text}")
+
+    def answer(texts: list[str]) -> None:
+        probabilities = trained.predict(texts)
+        for text, p in zip(texts, probabilities.tolist()):
+            best = max(range(len(p)), key=p.__getitem__)
+            if args.json:
+                print(json.dumps({"text": text, "label": trained.labels[best],
+                                  "probabilities": dict(zip(trained.labels, p))}))  # ASCII: no \u2028 in a line
+            else:
+                print(f"{trained.labels[best]}\t{p[best]:.4f}\t{text}")
+        sys.stdout.flush()
+
+    if args.texts:
+        answer(args.texts)
+    else:
+        for batch in stdin_batches():
+            answer(batch)
     return 0
 
 
+def stdin_batches(stream=None, chunk: int = 1 << 16):
+    """Standard input as UTF-8 lines split on "\\n" only (a BOM and a "\\r" before "\\n" are dropped),
+    yielded as soon as they arrive: each batch holds the complete lines of one read (one line from a program
+    that writes a line and waits; thousands from a file). UserError naming the line if it is not UTF-8."""
+    stream = sys.stdin.buffer if stream is None else stream
+    pending, line_number, first = b"", 0, True
+    while True:
+        data = stream.read1(chunk)  # one read: returns what has arrived, without waiting for a full chunk
+        if not data:
+            break
+        pending += data
+        if first:
+            if len(pending) < 3 and b"\n" not in pending:
+                continue  # maybe half a BOM
+            pending, first = pending.removeprefix(b"\xef\xbb\xbf"), False
+        *complete, pending = pending.split(b"\n")
+        if complete:
+            yield _decode_lines(complete, line_number)
+            line_number += len(complete)
+    if first:
+        pending = pending.removeprefix(b"\xef\xbb\xbf")
+    if pending:
+        yield _decode_lines([pending], line_number)
+
+
+def _decode_lines(raw: list[bytes], before: int) -> list[str]:
+    lines = []
+    for i, line in enumerate(raw, start=before + 1):
+        try:
+            lines.append(line.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError:
+            raise UserError(f"standard input line {i}: not valid UTF-8; expected UTF-8 text") from None
+    return lines
+
+
 def read_stdin_lines() -> list[str]:
-    """Standard input as UTF-8 lines split on "\\n" only (a BOM and a "\\r" before "\\n" are dropped)."""
-    data = sys.stdin.buffer.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"standard input line {line}: not valid UTF-8; expected UTF-8 text") from None
-    lines = [line.removesuffix("\r") for line in text.split("\n")]
-    return lines[:-1] if lines and lines[-1] == "" else lines
+    """All of standard input as lines (see ``stdin_batches``)."""
+    return [line for batch in stdin_batches() for line in batch]
 
 
 # -- demo --------------------------------------------------------------------------------------------------

@@ -111,3 +111,21 @@ def format_duration(seconds: float) -> str:
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# -- threads -----------------------------------------------------------------------------------------------
+def default_threads() -> int:
+    """Threads for torch's intra-op pool when ``--threads`` is not given: the CPUs this process may run on
+    that the 1-minute load average leaves idle, at least 1 (``OMP_NUM_THREADS``, when set, wins).
+
+    Why: torch starts one thread per core, and beside another busy process they fight for the cores; on the
+    2-core machine of docs/threads.md a small model trained 3x slower that way than with one thread. Counting
+    busy cores from the load average is a heuristic: it lags by about a minute."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))

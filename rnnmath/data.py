@@ -479,6 +479,14 @@ class _Reader:
                 self.add(n, record[text_column], record[label_column])
 
 
+def sentence_key(text: str) -> str | None:
+    """A 64-bit hash (16 hex digits) of the sentence's tokens, so that two sentences that differ only in case,
+    punctuation or spacing get the same key; None for a sentence without tokens. Used to find evaluated
+    sentences that were also trained on."""
+    tokens = tokenize(text)
+    return hashlib.sha256(" ".join(tokens).encode("utf-8")).hexdigest()[:16] if tokens else None
+
+
 # -- vocabulary and encoding -------------------------------------------------------------------------------
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1; the tokenizer never yields them, so no word collides
 

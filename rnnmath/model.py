@@ -19,7 +19,13 @@ Model directory (every file written atomically; nothing is ever pickled)::
     vocab.json         {"format": "rnnmath-vocab", "format_version": 1, "words": [...]}  (PAD, UNK implied)
     labels.json        {"format": "rnnmath-labels", "format_version": 1, "labels": [...]}
     model.safetensors  the weights of the best epoch (by validation accuracy)
-    history.json       per-epoch loss and validation accuracy, best epoch, test metrics
+    history.json       per-epoch loss and validation accuracy, best epoch, test metrics (kept small: no
+                       confusion matrix beyond 100 classes)
+    split.json         the split record: the files read (resolved path, sha256, reader options), the
+                       1-based lines of each part (train / val / test), a fingerprint of the training data
+                       and the 64-bit keys of the training sentences (``data.sentence_key``), so that
+                       ``evaluate --split test`` re-reads exactly the held-out part and ``evaluate`` warns
+                       when evaluated sentences were trained on
     checkpoint.safetensors  the last epoch's weights, Adam state, RNG state and (in its metadata, as JSON)
                        the loop's scalars, for ``--resume``
 """
@@ -30,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +50,7 @@ from torch import Tensor, nn
 from . import Recurrent
 from .cells import CELLS
 from .config import ACTIVATION_NAMES, POOLINGS, PRESETS, Config  # noqa: F401  (re-exported)
-from .data import Vocabulary, atomic_write, encode
+from .data import Examples, Vocabulary, atomic_write, encode, read_examples, sentence_key
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -109,8 +116,10 @@ def trim(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # -- the model directory -----------------------------------------------------------------------------------
-CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT = (
-    "config.json", "vocab.json", "labels.json", "model.safetensors", "history.json", "checkpoint.safetensors")
+CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT = (
+    "config.json", "vocab.json", "labels.json", "model.safetensors", "history.json", "checkpoint.safetensors",
+    "split.json")
+RUN_FILES = (CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT)  # what --overwrite removes
 
 
 @dataclass
@@ -286,3 +295,78 @@ def load_model(directory: str | Path) -> TrainedModel:
     load_weights(model, tensors, path)
     model.eval()
     return TrainedModel(config, vocab, labels, model)
+
+
+# -- the split record --------------------------------------------------------------------------------------
+PARTS = ("train", "val", "test")
+
+
+def write_split_record(directory: Path, parts: dict[str, Examples], reader: dict[str, Any]) -> None:
+    """Write split.json: for each part (train / val / test) its file and 1-based lines, each file's resolved
+    path and sha256, the reader options (``read_examples``'s keyword arguments), the fingerprint of the
+    training texts and labels, and the sorted keys of the training sentences."""
+    files: dict[str, dict] = {}
+    record: dict[str, Any] = {}
+    for name, examples in parts.items():
+        source = examples.source
+        if source not in files:
+            path = Path(source)
+            files[source] = {"path": str(path.resolve()),
+                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None}
+        record[name] = {"file": source, "lines": list(examples.lines), "n": len(examples)}
+    train = parts["train"]
+    keys = sorted({k for k in map(sentence_key, train.texts) if k is not None})
+    write_json(directory / SPLIT, "split", parts=record, files=files, reader=reader,
+               fingerprint=hashlib.sha256(json.dumps([train.texts, train.labels]).encode()).hexdigest(),
+               train_keys=keys)
+
+
+def read_split_record(directory: str | Path) -> dict | None:
+    """split.json of a model directory as written by ``write_split_record``; None if the directory has none
+    (a model trained before it existed). A damaged file is a UserError naming it."""
+    path = Path(directory) / SPLIT
+    if not path.exists():
+        return None
+    document = read_json(path, "split")
+    parts, files = document.get("parts"), document.get("files")
+    if not isinstance(parts, dict) or not isinstance(files, dict) or not isinstance(document.get("train_keys"), list) \
+            or not isinstance(document.get("reader"), dict):
+        raise UserError(f"{path}: expected \"parts\", \"files\", \"reader\" and \"train_keys\"; the model "
+                        "directory is damaged")
+    return document
+
+
+def training_overlap(record: dict, texts: Sequence[str]) -> int:
+    """How many of ``texts`` have the key of a training sentence (same tokens; see ``data.sentence_key``)."""
+    keys = set(record["train_keys"])
+    return sum(1 for text in texts if sentence_key(text) in keys)
+
+
+def held_out(directory: str | Path, part: str = "test") -> Examples:
+    """Re-read exactly the ``part`` (train / val / test) of the run in ``directory`` from its original file,
+    with the reader options of the run. UserError if the directory has no split record, the file is gone or
+    its bytes changed since training (sha256), or a recorded line is no longer a record."""
+    directory = Path(directory)
+    record = read_split_record(directory)
+    if record is None:
+        raise UserError(f"{directory} has no {SPLIT} (trained by an older rnnmath); evaluate with --data FILE")
+    entry = record["parts"].get(part)
+    if not isinstance(entry, dict):
+        raise UserError(f"{directory / SPLIT}: the run has no {part} part")
+    file = record["files"].get(entry.get("file"), {})
+    path = Path(file.get("path", ""))
+    if not path.is_file():
+        raise UserError(f"{path}: the {part} data of {directory} is no longer there; evaluate with --data FILE")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != file.get("sha256"):
+        raise UserError(f"{path} changed since {directory} was trained (sha256 {digest[:12]}..., recorded "
+                        f"{str(file.get('sha256'))[:12]}...); its {part} part cannot be recovered")
+    examples = read_examples(path, **record["reader"])
+    wanted = set(entry["lines"])
+    chosen = [i for i, line in enumerate(examples.lines) if line in wanted]
+    if len(chosen) != len(wanted):
+        raise UserError(f"{path}: {len(wanted) - len(chosen)} recorded {part} line(s) are no longer records")
+    subset = examples.subset(chosen)
+    subset.notes = examples.notes
+    return subset
+

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import signal
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed
-from .common import classification_metrics  # noqa: F401  (re-exported: part of this module's API)
+from .common import classification_metrics, format_duration  # noqa: F401  (classification_metrics re-exported)
 from .data import Examples, Vocabulary, encode, tokenize
 from .errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
 from .model import (
@@ -157,7 +158,8 @@ def train(
         if resume and not (out / CONFIG).exists():
             raise UserError(f"--resume: {out} holds no run to resume; train without --resume first")
         if not resume and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
-            raise UserError(f"--out {out} already holds a model; pass --resume to continue it, or another --out")
+            raise UserError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
+                            "replace it, or another --out")
         labels = sorted(set(train_set.labels))
         if len(labels) < 2:
             raise UserError(f"{train_set.source}: the training data has a single class {labels[0]!r}; "
@@ -195,6 +197,7 @@ def train(
     batches_per_epoch = math.ceil(len(y) / (config.batch_size * distributed.world_size()))
     bar = tqdm(total=config.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
                disable=not progress, unit="batch", dynamic_ncols=True, leave=False)
+    started, first_epoch = time.perf_counter(), state["epoch"]  # for the elapsed time and ETA of the log
     with _StopOnCtrlC(enabled=distributed.world_size() == 1) as ctrl_c, bar:
         while state["epoch"] < config.epochs and not state["done"]:
             epoch = state["epoch"]
@@ -213,13 +216,13 @@ def train(
                 loss = F.nll_loss(log_p, y[rows])
                 if not torch.isfinite(loss):
                     raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the loss became "
-                                    f"{loss.item()}; the last good checkpoint in {out} is kept (try a lower --lr)")
+                                    f"{loss.item()}; {_kept(out)} (try a lower --lr)")
                 optimizer.zero_grad()
                 (loss * weight).backward()  # weight 1 alone; see rnnmath.distributed for several processes
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
                 if not torch.isfinite(norm):
                     raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the gradient became "
-                                    f"{norm.item()}; the last good checkpoint in {out} is kept (try a lower --lr)")
+                                    f"{norm.item()}; {_kept(out)} (try a lower --lr)")
                 optimizer.step()
                 state["loss_sum"] += loss.item() * count
                 state["batch"] = b + 1
@@ -252,8 +255,12 @@ def train(
             distributed.barrier()
             bar.set_postfix(loss=f"{state['history'][-1]['train_loss']:.3f}", val_acc=f"{accuracy:.3f}")
             if log:
-                log(f"epoch {epoch + 1}: loss {state['history'][-1]['train_loss']:.4f}, "
-                    f"validation accuracy {accuracy:.4f}")
+                elapsed = time.perf_counter() - started
+                done_here = state["epoch"] - first_epoch
+                eta = "" if state["done"] else (
+                    f", ETA {format_duration(elapsed / done_here * (config.epochs - state['epoch']))} at most")
+                log(f"epoch {epoch + 1}/{config.epochs}: loss {state['history'][-1]['train_loss']:.4f}, "
+                    f"validation accuracy {accuracy:.4f}, elapsed {format_duration(elapsed)}{eta}")
     return _finish(state, log)
 
 
@@ -261,8 +268,16 @@ def check_finite(model: Classifier, where: str, out: Path) -> None:
     """A UserError, before anything is saved, if a weight has become NaN or infinite."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
-            raise UserError(f"training stopped at {where}: the weight {name} became non-finite; the last good "
-                            f"checkpoint in {out} is kept (try a lower --lr)")
+            raise UserError(f"training stopped at {where}: the weight {name} became non-finite; {_kept(out)} "
+                            "(try a lower --lr)")
+
+
+def _kept(out: Path) -> str:
+    """What a user has after a stop: the last good checkpoint, or (in the first epoch) nothing to resume."""
+    if (out / CHECKPOINT).exists():
+        return f"the last good checkpoint in {out} is kept"
+    return (f"no checkpoint exists yet in {out} (one is written at the end of each epoch), so there is nothing "
+            "to resume: train again")
 
 
 def _history(state: dict) -> dict:
