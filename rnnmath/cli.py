@@ -257,10 +257,11 @@ def train_command(args: argparse.Namespace) -> int:
     progress = not quiet and sys.stderr.isatty()
     if log:
         log(f"training on {threads} thread(s)")
-    history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log)
+    history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log,
+                    on_start=lambda out: write_split_record(out, {"train": train_set, "val": val, "test": test},
+                                                            reader_options(args)))
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
-    write_split_record(out, {"train": train_set, "val": val, "test": test}, reader_options(args))
     result = {"model": str(out), "train": len(train_set), "val": len(val), **history}
     if len(test):
         trained = load_model(out)
@@ -372,6 +373,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .model import load_model
 
     set_threads(args)
+    texts = [text_argument(t, "TEXT") for t in args.texts]
     trained = load_model(args.model)
 
     def answer(texts: list[str]) -> None:
@@ -385,8 +387,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"{trained.labels[best]}\t{p[best]:.4f}\t{text}")
         sys.stdout.flush()
 
-    if args.texts:
-        answer(args.texts)
+    if texts:
+        answer(texts)
     else:
         for batch in stdin_batches():
             answer(batch)
@@ -505,7 +507,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from . import flow, plots
 
         report_dir = Path(args.out) / "inspect" if args.out else Path(tempfile.mkdtemp(prefix="rnnmath-inspect-"))
-        report = plots.write_reading_report(flow.read_sentence(trained, DEMO_SENTENCES[0]), report_dir)
+        report = plots.write_reading_report(flow.read_sentence(trained, DEMO_SENTENCES[0]), report_dir,
+                                            {"directory": out if args.out else "(temporary)",
+                                             "cell": config.cell, "test_accuracy": rnn_acc})
         print(f"\nhow the RNN read {DEMO_SENTENCES[0]!r}, word by word: {report}")
 
         print(f"\ndemo finished in {time.perf_counter() - start:.0f} s"
@@ -596,15 +600,35 @@ def add_inspect_parser(subparsers) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import flow, plots
-    from .model import load_model
+    from .model import HISTORY, load_model
 
-    reading = flow.read_sentence(load_model(args.model), args.text)
-    path = plots.write_reading_report(reading, args.out)
+    text = text_argument(args.text, "TEXT")
+    trained = load_model(args.model)
+    reading = flow.read_sentence(trained, text)
+    history = Path(args.model) / HISTORY
+    try:
+        accuracy = json.loads(history.read_text(encoding="utf-8")).get("test", {}).get("accuracy")
+    except (OSError, ValueError, AttributeError):  # no history or no test part: the page says so
+        accuracy = None
+    path = plots.write_reading_report(reading, args.out, {"directory": args.model, "cell": trained.config.cell,
+                                                          "test_accuracy": accuracy})
     if args.json:
         print(json.dumps({**reading.to_json(), "report": str(path)}, ensure_ascii=False))
     else:
         print(path)
     return 0
+
+
+def text_argument(value: str, name: str) -> str:
+    """A command-line text as Unicode; UserError naming the argument if it holds bytes that are not UTF-8
+    (Python keeps such bytes as lone surrogates, U+DC80-U+DCFF, which no tokenizer or file can take)."""
+    bad = next((ch for ch in value if "\udc80" <= ch <= "\udcff"), None)
+    if bad is not None:
+        raw = value.encode("utf-8", "surrogateescape")
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise UserError(f"{name} \"{shown}\" holds the byte 0x{ord(bad) - 0xDC00:02x}, which is not UTF-8; pass the "
+                        "text in UTF-8 (e.g. convert it with iconv -f cp1252 -t utf-8)")
+    return value
 
 
 def add_flow_parser(subparsers) -> None:
@@ -695,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path or text with non-UTF-8 bytes prints escaped, never crashes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # a usage error exits with 2
     if extra and isinstance(getattr(args, "texts", None), list) and not any(e.startswith("-") for e in extra):

@@ -137,9 +137,13 @@ def train(
     resume: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    on_start: Callable[[Path], None] | None = None,
 ) -> dict:
     """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
     directory ``out`` (see rnnmath.model) and return its history.
+
+    ``on_start(out)`` is called once a fresh run has written its description, to add files of the caller's
+    (the CLI writes split.json there).
 
     With ``resume`` the run continues from ``out``'s checkpoint: config, vocabulary and labels come from
     ``out``, and the data must be the same as before.
@@ -173,6 +177,8 @@ def train(
             except OSError as e:
                 raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
             save_description(out, config, vocab, labels)
+            if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
+                on_start(out)
     if distributed.is_main():  # the temporary files of a run killed while writing (see atomic_write)
         for litter in [*out.glob(".*.json.*.tmp"), *out.glob(".*.safetensors.*.tmp")]:
             litter.unlink(missing_ok=True)
