@@ -130,7 +130,8 @@ def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a sentence classifier",
                               description="Train a sentence classifier and write its model directory. With only "
                               "--data, that file is split (stratified, seeded) 80/10/10 into "
-                              "train/validation/test; --val and --test give those parts as files instead.")
+                              "train/validation/test; --val and --test give those parts as files instead (--val alone: "
+                              "--data is split 90/10 into train/test, and the output says so).")
     p.add_argument("--data", required=True, metavar="FILE", help="labelled training sentences")
     p.add_argument("--val", metavar="FILE", help="validation sentences (early stopping, choice of epoch)")
     p.add_argument("--test", metavar="FILE", help="test sentences, evaluated once at the end")

@@ -742,3 +742,25 @@ def test_csv_with_a_150_kb_field(model, tmp_path, capsys):
     path.write_text('text,label\n"' + "the food was good " * 8500 + '",positive\nthe food was bad,negative\n')
     code, out, err = run(capsys, "evaluate", model, "--data", path, "--json")
     assert code == 0 and json.loads(out)["n"] == 2, err
+
+
+def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_exists(files, tmp_path, capsys, monkeypatch):
+    out, saved = tmp_path / "m", {}
+    monkeypatch.setattr(F, "nll_loss", nan_at(2, out, saved))
+    code, _, err = run(capsys, "train", "--data", files["train"], "--out", out, *TINY, "--epochs", "3")
+    assert_one_error(code, err, "epoch 1, batch 2", "loss became nan", f"no checkpoint exists yet in {out}",
+                     "nothing to resume")
+    assert "last good checkpoint" not in err and not (out / "checkpoint.safetensors").exists()
+
+
+def test_history_stays_small_with_many_classes(tmp_path, capsys):
+    """A 150-class run (allowed by --max-labels) writes no 150 x 150 confusion matrix into history.json."""
+    task = data.make_order_task(1500, seed=2)  # 10 sentences a class: 8 / 1 / 1 in the split
+    path = write_tsv(tmp_path / "many.tsv", task.texts, [f"c{i % 150}" for i in range(1500)])
+    code, out, err = run(capsys, "train", "--data", path, "--out", tmp_path / "m", "--epochs", "1",
+                         "--max-labels", "150", "--json", *TINY)
+    assert code == 0, err
+    assert "confusion" in json.loads(out)["test"]  # printed in full
+    history = json.loads((tmp_path / "m" / "history.json").read_text())
+    assert "confusion" not in history["test"] and len(history["test"]["per_class"]) == 150
+    assert (tmp_path / "m" / "history.json").stat().st_size < 60_000
