@@ -57,16 +57,8 @@ CITED = {"CNN-rand (Kim 2014)": {"mr": 76.1, "subj": 89.6, "trec": 91.2, "cr": 7
 
 
 def read_label_first(path: Path) -> data.Examples:
-    """Kim's files: ``<label><space><text>`` a line, Windows-1252 (a superset of their ASCII files)."""
-    texts, labels, lines = [], [], []
-    for n, line in enumerate(path.read_bytes().decode("cp1252").split("\n"), start=1):
-        if not line.strip():
-            continue
-        label, _, text = line.partition(" ")
-        texts.append(text.strip())
-        labels.append(label)
-        lines.append(n)
-    return data.Examples(texts, labels, lines, str(path))
+    """Kim's files: ``<label><space><text>`` a line; MR and Subj are Windows-1252 (``encoding="auto"``)."""
+    return data.read_examples(path, format="label-first", encoding="auto")
 
 
 def splits(name: str, root: Path, k: int) -> list[tuple[data.Examples, data.Examples]]:
