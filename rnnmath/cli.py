@@ -732,8 +732,8 @@ class _NoWorkers:
 
 
 # -- entry point -------------------------------------------------------------------------------------------
-SUBCOMMANDS = [add_train_parser, add_cv_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser,
-               add_bench_parser, add_inspect_parser, add_flow_parser]
+SUBCOMMANDS = [add_train_parser, add_cv_parser, add_evaluate_parser, add_predict_parser, add_demo_parser,
+               add_datasets_parser, add_bench_parser, add_inspect_parser, add_flow_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
