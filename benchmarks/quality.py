@@ -90,7 +90,8 @@ def run_ours(config, fit, val, test) -> dict:
         metrics = classification_metrics(label_indices(test, trained.labels).tolist(), predicted.tolist(),
                                          trained.labels)
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds,
-            "chosen": {"best_epoch": history["best_epoch"], "epochs": len(history["epochs"])}}
+            "chosen": {"best_epoch": history["best_epoch"], "epochs": len(history["epochs"]),
+                       "val_accuracy": history["best_val_accuracy"]}}
 
 
 def run_tfidf(fit, val, test) -> dict:
@@ -171,7 +172,7 @@ def summarise(rows: list[dict]) -> dict:
 def markdown(rows: list[dict]) -> str:
     table = summarise(rows)
     names = [d for d in DATASETS if d in table]
-    systems = [s for s in SYSTEMS if any(s in table[d] for d in names)]
+    systems = list(dict.fromkeys(s for d in names for s in table[d]))
 
     def cell(values: list[float], scale=100.0) -> str:
         mean = statistics.fmean(values) * scale
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--preset", default="default", help="our preset (default: default)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     parser.add_argument("--data-dir", default=str(SHARED), help="offline copy of the data (default ../shared/data)")
+    parser.add_argument("--name", default="ours", help="name of our row in the table (default: ours)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table of several --json outputs")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every run")
     args = parser.parse_args()
@@ -235,8 +237,9 @@ def main() -> None:
                     result = run_tfidf(fit, val, test)
                 else:
                     result = run_fasttext(fit, val, test)
-                rows.append({"dataset": name, "split": k, "system": system, **result})
-                print(f"{name} split {k} {system}: accuracy {result['accuracy']:.4f} macro-F1 "
+                label = args.name if system == "ours" else system
+                rows.append({"dataset": name, "split": k, "system": label, **result})
+                print(f"{name} split {k} {label}: accuracy {result['accuracy']:.4f} macro-F1 "
                       f"{result['macro_f1']:.4f} {result['seconds']:.1f} s {result['chosen']}", file=sys.stderr)
     report = {"runs": rows, "preset": args.preset, "overrides": overrides, "config": dataclasses.asdict(config),
               "machine": {"python": platform.python_version(), "torch": torch.__version__,

@@ -66,7 +66,7 @@ class Config:
                                                        "to its size"))
     freeze_embeddings: bool = field(default=False, metadata=_flag("keep the --embeddings vectors fixed in "
                                                                   "training"))
-    ngram_dim: int = field(default=0, metadata=_flag("size of a bag of word uni- and bigram embeddings, averaged "
+    ngram_dim: int = field(default=64, metadata=_flag("size of a bag of word uni- and bigram embeddings, averaged "
                                                      "over the sentence and set beside the recurrent features "
                                                      "(fastText, Joulin et al. 2017); 0 for none", 0, 65536))
     ngram_buckets: int = field(default=100_000, metadata=_flag("hash buckets of the word bigrams of the n-gram "
@@ -79,7 +79,7 @@ class Config:
     lr: float = field(default=0.003, metadata=_flag("Adam learning rate", 0, 10))
     weight_decay: float = field(default=0.0, metadata=_flag("Adam L2 weight decay", 0, 10))
     clip: float = field(default=1.0, metadata=_flag("clip the gradient norm to this", 0, 1e6))
-    patience: int = field(default=5, metadata=_flag("stop after this many epochs without a better "
+    patience: int = field(default=2, metadata=_flag("stop after this many epochs without a better "
                                                     "validation accuracy", 1, 100_000))
     seed: int = field(default=0, metadata=_flag("seed of the split, initialisation, dropout and data order",
                                                 0, 2**32 - 1))  # the seeds derived from it must fit 64 bits
@@ -126,5 +126,5 @@ PRESETS: dict[str, Config] = {
     # the seed: one-hot over 400 words (+ PAD, UNK), tanh RNN of state 3, tanh dense 4 and 6, softmax over 2
     "seed": Config(cell="rnn", hidden=3, layers=1, bidirectional=False, pooling="last", dense=(4, 6),
                    activation="tanh", dropout=0.0, vocab_size=400, max_len=30, epochs=60, lr=0.05,
-                   patience=15),
+                   patience=15, ngram_dim=0),
 }
