@@ -92,7 +92,9 @@ class Classifier(nn.Module):
 
     def features(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """Sentence features (B, F) from ids (B, T) and true lengths (B,); padding is never read."""
-        x = ids if self.embedding is None else self.embedding(ids)  # (B, T) ids or (B, T, E)
+        x = ids  # (B, T) ids, or (B, T, V) one-hot rows (inspect's attributions differentiate with respect to them)
+        if self.embedding is not None:
+            x = self.embedding(ids) if not ids.is_floating_point() else ids @ self.embedding.weight  # (B, T, E)
         output, h_n = self.rnn(x, lengths=lengths)  # (B, T, D·H), (L·D, B, H)
         if isinstance(h_n, tuple):  # several state fields (LSTM: h, c): the first is h
             h_n = h_n[0]
@@ -112,16 +114,30 @@ class Classifier(nn.Module):
         """Mean embedding (B, N) of a sentence's words and of its hashed word bigrams, as fastText's
         supervised model reads a sentence (Joulin et al. 2017, "Bag of Tricks for Efficient Text
         Classification"). Bigram (a, b) of word ids goes to row V + (a·1000003 + b) mod buckets; an empty
-        sentence gives zeros."""
-        V = self.ngrams.num_embeddings - self.config.ngram_buckets
+        sentence gives zeros.
+
+        ``ids`` may also be one-hot rows x (B, T, V) (scaled ones too, as on integrated gradients' path): a
+        word then contributes x_t W_words, and a bigram its row times x_t[a]·x_t+1[b], the product of its
+        words' entries; the two readings agree on one-hot rows."""
+        W = self.ngrams.weight  # (V + buckets, N)
+        V = W.shape[0] - self.config.ngram_buckets
         T = ids.shape[1]
-        bigrams = V + (ids[:, :-1] * 1_000_003 + ids[:, 1:]) % self.config.ngram_buckets  # (B, T-1)
-        rows = torch.cat([ids, bigrams], dim=1)  # (B, 2T-1)
         t = torch.arange(T, device=ids.device).unsqueeze(0)  # (1, T)
-        valid = torch.cat([t < lengths.unsqueeze(1), t[:, 1:] < lengths.unsqueeze(1)], dim=1)  # (B, 2T-1)
-        weights = valid.to(self.ngrams.weight.dtype)
-        total = (self.ngrams(rows) * weights.unsqueeze(2)).sum(dim=1)  # (B, N)
-        return total / weights.sum(dim=1, keepdim=True).clamp(min=1)
+        words_valid = (t < lengths.unsqueeze(1)).to(W.dtype)  # (B, T)
+        pairs_valid = words_valid[:, 1:]  # (B, T-1): bigram (t-1, t) exists iff word t does
+        if ids.is_floating_point():
+            x, ids = ids, ids.argmax(dim=2)  # (B, T, V), (B, T)
+            entry = x.gather(2, ids.unsqueeze(2)).squeeze(2)  # (B, T)
+            words = x @ W[:V]  # (B, T, N)
+            pair_weight = entry[:, :-1] * entry[:, 1:]  # (B, T-1)
+        else:
+            words = F.embedding(ids, W)  # (B, T, N)
+            pair_weight = torch.ones_like(pairs_valid)
+        bigrams = V + (ids[:, :-1] * 1_000_003 + ids[:, 1:]) % self.config.ngram_buckets  # (B, T-1)
+        total = (words * words_valid.unsqueeze(2)).sum(1) \
+            + (F.embedding(bigrams, W) * (pairs_valid * pair_weight).unsqueeze(2)).sum(1)  # (B, N)
+        count = words_valid.sum(1) + pairs_valid.sum(1)  # (B,)
+        return total / count.clamp(min=1).unsqueeze(1)
 
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
         x = F.dropout(self.features(ids, lengths), self.config.dropout, self.training)  # (B, F)

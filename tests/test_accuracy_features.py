@@ -189,3 +189,21 @@ def test_cv_command(train_file, tmp_path, capsys):
         assert (out / f"fold-{f}" / "model.safetensors").is_file()
     code, _, err = run(capsys, "cv", "--data", str(train_file), "--folds", "3", "--out", str(out), *TINY)
     assert code == 2 and "already holds" in err
+
+
+def test_one_hot_rows_give_the_same_output_and_word_gradients():
+    """inspect differentiates with respect to one-hot rows (B, T, V): the embedding and the bag must read them
+    as they read ids, and pass gradients to them."""
+    torch.manual_seed(2)
+    for embedding_dim in (0, 5):
+        model = Classifier(Config(embedding_dim=embedding_dim, hidden=4, ngram_dim=3, ngram_buckets=7), 9, 2)
+        model.eval()
+        ids = torch.tensor([[2, 5, 8, 0], [3, 4, 0, 0]])
+        lengths = torch.tensor([3, 2])
+        x = torch.nn.functional.one_hot(ids, 9).double().requires_grad_(True)
+        model.double()
+        torch.testing.assert_close(model(x, lengths), model(ids, lengths))
+        model(x, lengths)[:, 1].sum().backward()
+        assert x.grad[0, :3].abs().sum() > 0 and x.grad[0, 3].abs().sum() == 0  # padding gets no gradient
+        half = model(0.5 * x.detach(), lengths)  # a point of integrated gradients' path: finite, different
+        assert torch.isfinite(half).all() and not torch.allclose(half, model(ids, lengths))
