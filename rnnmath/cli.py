@@ -259,7 +259,9 @@ def train_command(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite, on_start=lambda out: write_split_record(out, split, reader_options(args)))
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
-    result = {"model": str(out), "train": len(train_set), "val": len(val), **history}
+    result = {"model": str(out), "train": len(train_set), "val": len(val), **history,
+              "val_source": args.val or f"{'10%' if args.test else '10% (of 80/10/10)'} of {args.data}",
+              "test_source": args.test or f"{'10%' if args.val else '10% (of 80/10/10)'} of {args.data}"}
     if len(test):
         trained = load_model(out)
         predicted = trained.predict(test.texts).argmax(1)
