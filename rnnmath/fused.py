@@ -19,14 +19,15 @@ here compute the same thing faster and the tests hold them equal. Three things m
   unchanged and the output is zero, exactly as in ``scan``; in the backward pass the candidate state gets no
   gradient there and the carried gradient passes straight through.
 
-Limit: the backward pass is not itself differentiable: a backward with ``create_graph=True`` (double
-backward, gradient penalties) raises a RuntimeError rather than silently miss terms. The readable path
-supports it: set ``layer.fast = False``.
+Higher-order and batched gradients: the hand-derived backward is first order only. When the backward pass
+itself is recorded (``create_graph=True``: double backward, gradient penalties, ``gradgradcheck``) or runs
+under a torch.func transform (``is_grads_batched=True`` vmaps it), each Function instead differentiates the
+readable loop (``cell.step``) replayed from its saved inputs (:func:`_replay_backward`): the gradients it
+returns are then themselves differentiable, with the same values. The plain first-order backward (training)
+never takes that branch; the price is that the input projection xw is kept for the replay.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import Tensor
@@ -38,17 +39,37 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 
-def first_order_only(backward):
-    """Refuse to build a graph of the backward pass (create_graph=True): it would silently miss terms."""
+def _needs_replay(grads) -> bool:
+    """True when the backward pass is itself recorded (create_graph=True), runs under a torch.func transform,
+    or gets batched gradients (``is_grads_batched=True`` vmaps it): there the hand-derived, in-place backward
+    cannot serve."""
+    return (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+            or any(torch._C._functorch.is_legacy_batchedtensor(g) for g in grads))
 
-    @functools.wraps(backward)
-    def checked(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError("the fast path of rnnmath's layers has no double backward (create_graph=True): "
-                               "set `layer.fast = False` to use the readable loop, which has one")
-        return backward(ctx, *grads)
 
-    return checked
+def _replay_backward(ctx, xw: Tensor, state: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
+                     mask: Tensor | None, grads: tuple) -> list:
+    """Gradients of the Function's inputs (xw, *state, W_hh, b_hh) by differentiating the readable loop.
+
+    With create_graph the saved tensors keep their graph, so the gradients returned are differentiable
+    functions of the inputs and of ``grads`` (double backward); otherwise detached copies are used.
+    """
+    from .layers import scan  # the readable loop; imported here because layers imports this module
+
+    cell = ctx.cell
+    create_graph = torch.is_grad_enabled()
+    inputs = [xw, *state, weight_hh, bias_hh]
+    needs = ctx.needs_input_grad[: len(inputs)]
+    with torch.enable_grad():
+        if not create_graph:
+            inputs = [t if t is None else t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+        xw_, *rest = inputs
+        state_, (w, b) = cell.State(*rest[: len(state)]), rest[len(state):]
+        output, last = scan(cell, {"weight_hh": w, "bias_hh": b}, xw_, state_, mask)
+        wrt = [t for t, n in zip(inputs, needs) if n]
+        found = iter(torch.autograd.grad([output, *last], wrt, grads, create_graph=create_graph,
+                                         allow_unused=True, materialize_grads=True))
+    return [next(found) if n else None for n in needs]
 
 
 def _plus_bias(xw: Tensor, bias: Tensor | None) -> Tensor:
@@ -90,7 +111,7 @@ class _RNNScan(torch.autograd.Function):
     """h_t = act(x_t + b_hh + h_{t-1} W_hhᵀ) over all t, with act tanh or relu."""
 
     @staticmethod
-    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, relu: bool):
+    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, relu: bool, cell):
         T = xw.shape[0]
         hs = _plus_bias(xw, bias_hh)  # (T, B, H): x_t + b_hh, then h_t in place
         w_t = weight_hh.t()
@@ -102,15 +123,17 @@ class _RNNScan(torch.autograd.Function):
             if mask is not None:
                 torch.where(keep[t], a, h, out=a)
             h = a
-        ctx.save_for_backward(hs, h0, weight_hh, mask)
-        ctx.relu, ctx.has_bias = relu, bias_hh is not None
+        ctx.save_for_backward(hs, h0, weight_hh, mask, xw, bias_hh)
+        ctx.relu, ctx.has_bias, ctx.cell = relu, bias_hh is not None, cell
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone()
 
     @staticmethod
-    @first_order_only
     def backward(ctx, grad_output, grad_hn):
-        hs, h0, weight_hh, mask = ctx.saved_tensors
+        hs, h0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
+        if _needs_replay((grad_output, grad_hn)):
+            return (*_replay_backward(ctx, xw, (h0,), weight_hh, bias_hh, mask, (grad_output, grad_hn)), None, None,
+                    None)
         T = hs.shape[0]
         keep, drop = _steps(mask, T)
         grad_output = _masked_grad(grad_output, mask)
@@ -133,7 +156,7 @@ class _RNNScan(torch.autograd.Function):
             else:
                 torch.where(keep[t], torch.mm(dG_[t], weight_hh, out=back), dh, out=dh)
         dW, db = _weight_grads(ctx, dG, h0, hs, 2)
-        return dG, dh if ctx.needs_input_grad[1] else None, dW, db, None, None
+        return dG, dh if ctx.needs_input_grad[1] else None, dW, db, None, None, None
 
 
 class _LSTMScan(torch.autograd.Function):
@@ -154,7 +177,7 @@ class _LSTMScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xw, h0, c0, weight_hh, bias_hh, mask):
+    def forward(ctx, xw, h0, c0, weight_hh, bias_hh, mask, cell):
         T, B, G = xw.shape
         H = G // 4
         gates = _plus_bias(xw, bias_hh)  # (T, B, 4H): x_t + b_hh, then the activated gates in place
@@ -180,15 +203,17 @@ class _LSTMScan(torch.autograd.Function):
                 torch.where(keep[t], c_t, c, out=c_t)
                 torch.where(keep[t], h_t, h, out=h_t)
             h, c = h_t, c_t
-        ctx.save_for_backward(gates, hs, cs, h0, c0, weight_hh, mask)
-        ctx.has_bias = bias_hh is not None
+        ctx.save_for_backward(gates, hs, cs, h0, c0, weight_hh, mask, xw, bias_hh)
+        ctx.has_bias, ctx.cell = bias_hh is not None, cell
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone(), c.clone()
 
     @staticmethod
-    @first_order_only
     def backward(ctx, grad_output, grad_hn, grad_cn):
-        gates, hs, cs, h0, c0, weight_hh, mask = ctx.saved_tensors
+        gates, hs, cs, h0, c0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
+        grads = (grad_output, grad_hn, grad_cn)
+        if _needs_replay(grads):
+            return (*_replay_backward(ctx, xw, (h0, c0), weight_hh, bias_hh, mask, grads), None, None)
         T, B, G = gates.shape
         H = G // 4
         keep, _ = _steps(mask, T)
@@ -232,14 +257,14 @@ class _LSTMScan(torch.autograd.Function):
         dW, db = _weight_grads(ctx, dG, h0, hs, 3)
         dh0 = dh if ctx.needs_input_grad[1] else None
         dc0 = dc if ctx.needs_input_grad[2] else None
-        return dG, dh0, dc0, dW, db, None
+        return dG, dh0, dc0, dW, db, None, None
 
 
 class _GRUScan(torch.autograd.Function):
     """r, z = σ(x_{r,z} + h W_{h r,z}ᵀ + b_{h r,z}); n = tanh(x_n + r (h W_hnᵀ + b_hn)); h' = (1 − z) n + z h."""
 
     @staticmethod
-    def forward(ctx, xw, h0, weight_hh, bias_hh, mask):
+    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, cell):
         T, B, G = xw.shape
         H = G // 3
         hh = xw.new_empty(T, B, G)  # (T, B, 3H): h_{t-1} W_hhᵀ + b_hh, kept for the backward pass
@@ -264,15 +289,16 @@ class _GRUScan(torch.autograd.Function):
             if mask is not None:
                 torch.where(keep[t], h_t, h, out=h_t)
             h = h_t
-        ctx.save_for_backward(hh, r, z, n, hs, h0, weight_hh, mask)
-        ctx.has_bias = bias_hh is not None
+        ctx.save_for_backward(hh, r, z, n, hs, h0, weight_hh, mask, xw, bias_hh)
+        ctx.has_bias, ctx.cell = bias_hh is not None, cell
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone()
 
     @staticmethod
-    @first_order_only
     def backward(ctx, grad_output, grad_hn):
-        hh, r, z, n, hs, h0, weight_hh, mask = ctx.saved_tensors
+        hh, r, z, n, hs, h0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
+        if _needs_replay((grad_output, grad_hn)):
+            return (*_replay_backward(ctx, xw, (h0,), weight_hh, bias_hh, mask, (grad_output, grad_hn)), None, None)
         T, B, G = hh.shape
         H = G // 3
         keep, drop = _steps(mask, T)
@@ -308,7 +334,7 @@ class _GRUScan(torch.autograd.Function):
                 new = torch.addmm(torch.mul(dh, z[t], out=u), dhh_[t], weight_hh, out=back)
                 torch.where(keep[t], new, dh, out=dh)
         dW, db = _weight_grads(ctx, dhh, h0, hs, 2)
-        return dx, dh if ctx.needs_input_grad[1] else None, dW, db, None
+        return dx, dh if ctx.needs_input_grad[1] else None, dW, db, None, None
 
 
 def _empty_scan(xw: Tensor, state, hidden_size: int):
@@ -316,28 +342,29 @@ def _empty_scan(xw: Tensor, state, hidden_size: int):
     return xw.new_zeros(0, xw.shape[1], hidden_size), state
 
 
-def rnn_scan(p: dict, xw: Tensor, state, mask: Tensor | None, nonlinearity: str = "tanh"):
-    """The Elman RNN's time loop; same contract as :func:`rnnmath.layers.scan`."""
+def rnn_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell):
+    """The Elman RNN's time loop; same contract as :func:`rnnmath.layers.scan`. ``cell`` (an RNNCell) gives
+    the nonlinearity and the step a double backward differentiates."""
     H = p["weight_hh"].shape[1]
     if xw.shape[0] == 0:
         return _empty_scan(xw, state, H)
-    output, h = _RNNScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, nonlinearity == "relu")
+    output, h = _RNNScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, cell.nonlinearity == "relu", cell)
     return output, type(state)(h)
 
 
-def lstm_scan(p: dict, xw: Tensor, state, mask: Tensor | None):
-    """The LSTM's time loop; same contract as :func:`rnnmath.layers.scan`."""
+def lstm_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell):
+    """The LSTM's time loop (no projection); same contract as :func:`rnnmath.layers.scan`."""
     H = p["weight_hh"].shape[1]
     if xw.shape[0] == 0:
         return _empty_scan(xw, state, H)
-    output, h, c = _LSTMScan.apply(xw, state.h, state.c, p["weight_hh"], p["bias_hh"], mask)
+    output, h, c = _LSTMScan.apply(xw, state.h, state.c, p["weight_hh"], p["bias_hh"], mask, cell)
     return output, type(state)(h, c)
 
 
-def gru_scan(p: dict, xw: Tensor, state, mask: Tensor | None):
+def gru_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell):
     """The GRU's time loop; same contract as :func:`rnnmath.layers.scan`."""
     H = p["weight_hh"].shape[1]
     if xw.shape[0] == 0:
         return _empty_scan(xw, state, H)
-    output, h = _GRUScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask)
+    output, h = _GRUScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, cell)
     return output, type(state)(h)
