@@ -73,9 +73,10 @@ class Cell(nn.Module):
     # True when fast_scan is plain differentiable torch operations, so that it may also run under
     # torch.compile and torch.func transforms; otherwise (an autograd.Function) the layer uses `step` there.
     fast_scan_composable: bool = False
-    # Inside a layer under torch.autocast: True runs the layer in the autocast dtype (torch.nn.RNN and LSTM
-    # do), False in the parameters' dtype (torch.nn.GRU does). A cell alone always runs in the parameters'.
+    # Under torch.autocast: True runs in the autocast dtype, False in the parameters' dtype, as torch.nn does
+    # inside a layer (RNN and LSTM lower, GRU not) and alone (RNNCell lower, LSTMCell and GRUCell not)
     autocast_lower_precision: bool = False
+    autocast_lower_precision_alone: bool = False
     # True when the cell takes proj_size (a projected output, h smaller than c), as torch.nn.LSTM does
     supports_proj_size: bool = False
 
@@ -174,7 +175,9 @@ class Cell(nn.Module):
             input = input.unsqueeze(0)
         p = self.params()
         like = next(t for t in p.values() if t is not None)
-        if not ids and not torch.is_autocast_enabled(input.device.type) and input.dtype != like.dtype:
+        device_type = input.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if not ids and not autocast and input.dtype != like.dtype:
             raise RuntimeError(f"{name}: input dtype ({input.dtype}) does not match weight dtype ({like.dtype}); "
                                f"convert the input (input.to({like.dtype})) or the cell (cell.to({input.dtype}))")
         B = input.shape[0]
@@ -202,8 +205,12 @@ class Cell(nn.Module):
                                        f"size {f.shape[0]}")
                 checked.append(f)
             state = self.State(*checked)
-        # torch.nn's cells run in the parameters' precision under autocast (their results are float32)
-        with torch.autocast(input.device.type, enabled=False):
+        if autocast:  # the precision torch.nn's cell would use (autocast_lower_precision_alone)
+            dtype = torch.get_autocast_dtype(device_type) if self.autocast_lower_precision_alone else like.dtype
+            p = {n: t if t is None else t.to(dtype) for n, t in p.items()}
+            input = input if ids else input.to(dtype)
+            state = self.State(*(s.to(dtype) for s in state))
+        with torch.autocast(device_type, enabled=False):
             state = self.step(p, self.project(p, input), state)
         if not batched:
             state = self.State(*(s.squeeze(0) for s in state))
@@ -223,6 +230,7 @@ class RNNCell(Cell):
     """
 
     autocast_lower_precision = True
+    autocast_lower_precision_alone = True
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None):
         if nonlinearity not in ("tanh", "relu"):

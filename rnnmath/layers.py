@@ -152,7 +152,7 @@ class Recurrent(nn.Module):
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
                           f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
-                          stacklevel=2)
+                          stacklevel=2 if type(self).__init__ is Recurrent.__init__ else 3)  # the caller's line
         if proj_size:
             cell_kwargs["proj_size"] = proj_size
         self.recurrent_dropout = float(recurrent_dropout)
