@@ -79,6 +79,8 @@ class Cell(nn.Module):
     autocast_lower_precision_alone: bool = False
     # True when the cell takes proj_size (a projected output, h smaller than c), as torch.nn.LSTM does
     supports_proj_size: bool = False
+    # True when fast_scan takes ``xw_again``, a function that recomputes xw (for a double backward's replay)
+    fast_scan_recomputes_input: bool = False
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -231,6 +233,7 @@ class RNNCell(Cell):
 
     autocast_lower_precision = True
     autocast_lower_precision_alone = True
+    fast_scan_recomputes_input = True
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None):
         if nonlinearity not in ("tanh", "relu"):
@@ -245,9 +248,9 @@ class RNNCell(Cell):
         h = torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
         return HiddenState(h)
 
-    def fast_scan(self, p, xw, state, mask):
+    def fast_scan(self, p, xw, state, mask, xw_again=None):
         """The time loop fused, with a hand-derived backward (rnnmath.fused); equal to the readable loop."""
-        return fused.rnn_scan(p, xw, state, mask, self)
+        return fused.rnn_scan(p, xw, state, mask, self, xw_again)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.nonlinearity == "tanh" else ", nonlinearity='relu'")
@@ -276,6 +279,7 @@ class LSTMCell(Cell):
     gate_names = ("i", "f", "g", "o")
     autocast_lower_precision = True
     supports_proj_size = True
+    fast_scan_recomputes_input = True
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, proj_size: int = 0):
         if not isinstance(proj_size, int) or isinstance(proj_size, bool):
@@ -315,9 +319,9 @@ class LSTMCell(Cell):
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", proj_size={self.proj_size}" if self.proj_size else "")
 
-    def fast_scan(self, p, xw, state, mask):
+    def fast_scan(self, p, xw, state, mask, xw_again=None):
         """The time loop fused, with a hand-derived backward (rnnmath.fused); equal to the readable loop."""
-        return fused.lstm_scan(p, xw, state, mask, self)
+        return fused.lstm_scan(p, xw, state, mask, self, xw_again)
 
 
 class GRUCell(Cell):
@@ -336,6 +340,7 @@ class GRUCell(Cell):
 
     num_gates = 3
     gate_names = ("r", "z", "n")
+    fast_scan_recomputes_input = True
 
     def step(self, p, x, state):
         h = state.h
@@ -348,9 +353,9 @@ class GRUCell(Cell):
         self.record(r=r, z=z, n=n)
         return HiddenState(h)
 
-    def fast_scan(self, p, xw, state, mask):
+    def fast_scan(self, p, xw, state, mask, xw_again=None):
         """The time loop fused, with a hand-derived backward (rnnmath.fused); equal to the readable loop."""
-        return fused.gru_scan(p, xw, state, mask, self)
+        return fused.gru_scan(p, xw, state, mask, self, xw_again)
 
 
 def layer_norm(v: Tensor, gain: Tensor, shift: Tensor | None, eps: float) -> Tensor:

@@ -24,7 +24,9 @@ itself is recorded (``create_graph=True``: double backward, gradient penalties, 
 under a torch.func transform (``is_grads_batched=True`` vmaps it), each Function instead differentiates the
 readable loop (``cell.step``) replayed from its saved inputs (:func:`_replay_backward`): the gradients it
 returns are then themselves differentiable, with the same values. The plain first-order backward (training)
-never takes that branch; the price is that the input projection xw is kept for the replay.
+never takes that branch. The replay needs the input projection xw: a layer passes ``xw_again``, a function
+that recomputes it from the layer's input (which autograd keeps anyway), so nothing more is kept in memory;
+called without it, a Function keeps xw itself.
 """
 
 from __future__ import annotations
@@ -47,17 +49,21 @@ def _needs_replay(grads) -> bool:
             or any(torch._C._functorch.is_legacy_batchedtensor(g) for g in grads))
 
 
-def _replay_backward(ctx, xw: Tensor, state: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
+def _replay_backward(ctx, xw: Tensor | None, state: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
                      mask: Tensor | None, grads: tuple) -> list:
     """Gradients of the Function's inputs (xw, *state, W_hh, b_hh) by differentiating the readable loop.
 
     With create_graph the saved tensors keep their graph, so the gradients returned are differentiable
     functions of the inputs and of ``grads`` (double backward); otherwise detached copies are used.
+    xw is None when the layer gave ``ctx.xw_again`` to recompute it (differentiably, from the layer's input).
     """
     from .layers import scan  # the readable loop; imported here because layers imports this module
 
     cell = ctx.cell
     create_graph = torch.is_grad_enabled()
+    if xw is None:
+        with torch.set_grad_enabled(create_graph), torch.autocast(weight_hh.device.type, enabled=False):
+            xw = ctx.xw_again()
     inputs = [xw, *state, weight_hh, bias_hh]
     needs = ctx.needs_input_grad[: len(inputs)]
     with torch.enable_grad():
@@ -111,7 +117,7 @@ class _RNNScan(torch.autograd.Function):
     """h_t = act(x_t + b_hh + h_{t-1} W_hhᵀ) over all t, with act tanh or relu."""
 
     @staticmethod
-    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, relu: bool, cell):
+    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, relu: bool, cell, xw_again):
         T = xw.shape[0]
         hs = _plus_bias(xw, bias_hh)  # (T, B, H): x_t + b_hh, then h_t in place
         w_t = weight_hh.t()
@@ -123,8 +129,8 @@ class _RNNScan(torch.autograd.Function):
             if mask is not None:
                 torch.where(keep[t], a, h, out=a)
             h = a
-        ctx.save_for_backward(hs, h0, weight_hh, mask, xw, bias_hh)
-        ctx.relu, ctx.has_bias, ctx.cell = relu, bias_hh is not None, cell
+        ctx.save_for_backward(hs, h0, weight_hh, mask, xw if xw_again is None else None, bias_hh)
+        ctx.relu, ctx.has_bias, ctx.cell, ctx.xw_again = relu, bias_hh is not None, cell, xw_again
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone()
 
@@ -133,7 +139,7 @@ class _RNNScan(torch.autograd.Function):
         hs, h0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
         if _needs_replay((grad_output, grad_hn)):
             return (*_replay_backward(ctx, xw, (h0,), weight_hh, bias_hh, mask, (grad_output, grad_hn)), None, None,
-                    None)
+                    None, None)
         T = hs.shape[0]
         keep, drop = _steps(mask, T)
         grad_output = _masked_grad(grad_output, mask)
@@ -156,7 +162,7 @@ class _RNNScan(torch.autograd.Function):
             else:
                 torch.where(keep[t], torch.mm(dG_[t], weight_hh, out=back), dh, out=dh)
         dW, db = _weight_grads(ctx, dG, h0, hs, 2)
-        return dG, dh if ctx.needs_input_grad[1] else None, dW, db, None, None, None
+        return dG, dh if ctx.needs_input_grad[1] else None, dW, db, None, None, None, None
 
 
 class _LSTMScan(torch.autograd.Function):
@@ -177,7 +183,7 @@ class _LSTMScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xw, h0, c0, weight_hh, bias_hh, mask, cell):
+    def forward(ctx, xw, h0, c0, weight_hh, bias_hh, mask, cell, xw_again):
         T, B, G = xw.shape
         H = G // 4
         gates = _plus_bias(xw, bias_hh)  # (T, B, 4H): x_t + b_hh, then the activated gates in place
@@ -203,8 +209,8 @@ class _LSTMScan(torch.autograd.Function):
                 torch.where(keep[t], c_t, c, out=c_t)
                 torch.where(keep[t], h_t, h, out=h_t)
             h, c = h_t, c_t
-        ctx.save_for_backward(gates, hs, cs, h0, c0, weight_hh, mask, xw, bias_hh)
-        ctx.has_bias, ctx.cell = bias_hh is not None, cell
+        ctx.save_for_backward(gates, hs, cs, h0, c0, weight_hh, mask, xw if xw_again is None else None, bias_hh)
+        ctx.has_bias, ctx.cell, ctx.xw_again = bias_hh is not None, cell, xw_again
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone(), c.clone()
 
@@ -213,7 +219,7 @@ class _LSTMScan(torch.autograd.Function):
         gates, hs, cs, h0, c0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
         grads = (grad_output, grad_hn, grad_cn)
         if _needs_replay(grads):
-            return (*_replay_backward(ctx, xw, (h0, c0), weight_hh, bias_hh, mask, grads), None, None)
+            return (*_replay_backward(ctx, xw, (h0, c0), weight_hh, bias_hh, mask, grads), None, None, None)
         T, B, G = gates.shape
         H = G // 4
         keep, _ = _steps(mask, T)
@@ -257,14 +263,14 @@ class _LSTMScan(torch.autograd.Function):
         dW, db = _weight_grads(ctx, dG, h0, hs, 3)
         dh0 = dh if ctx.needs_input_grad[1] else None
         dc0 = dc if ctx.needs_input_grad[2] else None
-        return dG, dh0, dc0, dW, db, None, None
+        return dG, dh0, dc0, dW, db, None, None, None
 
 
 class _GRUScan(torch.autograd.Function):
     """r, z = σ(x_{r,z} + h W_{h r,z}ᵀ + b_{h r,z}); n = tanh(x_n + r (h W_hnᵀ + b_hn)); h' = (1 − z) n + z h."""
 
     @staticmethod
-    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, cell):
+    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, cell, xw_again):
         T, B, G = xw.shape
         H = G // 3
         hh = xw.new_empty(T, B, G)  # (T, B, 3H): h_{t-1} W_hhᵀ + b_hh, kept for the backward pass
@@ -289,8 +295,8 @@ class _GRUScan(torch.autograd.Function):
             if mask is not None:
                 torch.where(keep[t], h_t, h, out=h_t)
             h = h_t
-        ctx.save_for_backward(hh, r, z, n, hs, h0, weight_hh, mask, xw, bias_hh)
-        ctx.has_bias, ctx.cell = bias_hh is not None, cell
+        ctx.save_for_backward(hh, r, z, n, hs, h0, weight_hh, mask, xw if xw_again is None else None, bias_hh)
+        ctx.has_bias, ctx.cell, ctx.xw_again = bias_hh is not None, cell, xw_again
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone()
 
@@ -298,7 +304,8 @@ class _GRUScan(torch.autograd.Function):
     def backward(ctx, grad_output, grad_hn):
         hh, r, z, n, hs, h0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
         if _needs_replay((grad_output, grad_hn)):
-            return (*_replay_backward(ctx, xw, (h0,), weight_hh, bias_hh, mask, (grad_output, grad_hn)), None, None)
+            return (*_replay_backward(ctx, xw, (h0,), weight_hh, bias_hh, mask, (grad_output, grad_hn)), None, None,
+                    None)
         T, B, G = hh.shape
         H = G // 3
         keep, drop = _steps(mask, T)
@@ -334,7 +341,7 @@ class _GRUScan(torch.autograd.Function):
                 new = torch.addmm(torch.mul(dh, z[t], out=u), dhh_[t], weight_hh, out=back)
                 torch.where(keep[t], new, dh, out=dh)
         dW, db = _weight_grads(ctx, dhh, h0, hs, 2)
-        return dx, dh if ctx.needs_input_grad[1] else None, dW, db, None, None
+        return dx, dh if ctx.needs_input_grad[1] else None, dW, db, None, None, None
 
 
 def _empty_scan(xw: Tensor, state, hidden_size: int):
@@ -342,29 +349,31 @@ def _empty_scan(xw: Tensor, state, hidden_size: int):
     return xw.new_zeros(0, xw.shape[1], hidden_size), state
 
 
-def rnn_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell):
+def rnn_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell, xw_again=None):
     """The Elman RNN's time loop; same contract as :func:`rnnmath.layers.scan`. ``cell`` (an RNNCell) gives
-    the nonlinearity and the step a double backward differentiates."""
+    the nonlinearity and the step a double backward differentiates; ``xw_again()`` recomputes xw for it
+    (without it xw is kept)."""
     H = p["weight_hh"].shape[1]
     if xw.shape[0] == 0:
         return _empty_scan(xw, state, H)
-    output, h = _RNNScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, cell.nonlinearity == "relu", cell)
+    output, h = _RNNScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, cell.nonlinearity == "relu", cell,
+                               xw_again)
     return output, type(state)(h)
 
 
-def lstm_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell):
+def lstm_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell, xw_again=None):
     """The LSTM's time loop (no projection); same contract as :func:`rnnmath.layers.scan`."""
     H = p["weight_hh"].shape[1]
     if xw.shape[0] == 0:
         return _empty_scan(xw, state, H)
-    output, h, c = _LSTMScan.apply(xw, state.h, state.c, p["weight_hh"], p["bias_hh"], mask, cell)
+    output, h, c = _LSTMScan.apply(xw, state.h, state.c, p["weight_hh"], p["bias_hh"], mask, cell, xw_again)
     return output, type(state)(h, c)
 
 
-def gru_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell):
+def gru_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell, xw_again=None):
     """The GRU's time loop; same contract as :func:`rnnmath.layers.scan`."""
     H = p["weight_hh"].shape[1]
     if xw.shape[0] == 0:
         return _empty_scan(xw, state, H)
-    output, h = _GRUScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, cell)
+    output, h = _GRUScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, cell, xw_again)
     return output, type(state)(h)

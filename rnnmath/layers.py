@@ -63,6 +63,12 @@ def scan(cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, h_mask:
     return output, state
 
 
+def _projection(cell: Cell, p: dict, layer_input: Tensor, d: int, lengths: Tensor | None) -> Tensor:
+    """The input projection of every step for direction d (the reverse one reversed within each length)."""
+    xw = cell.project(p, layer_input)  # (T, B, G)
+    return reverse_padded(xw, lengths) if d == 1 else xw
+
+
 def _zoneout(new, old, z: float, training: bool):
     """Zoneout (Krueger et al. 2017) of every state field: new' = d ⊙ old + (1 − d) ⊙ new, d ~ Bernoulli(z)."""
     if training:
@@ -103,10 +109,18 @@ class Recurrent(nn.Module):
     * ``hx``: the initial state, (L·D, B, H) per state field — a tensor, or a tuple (h_0, c_0) for an LSTM.
     * ``lengths``: (B,) true lengths of padded input. Outputs past a sequence's length are zero; ``h_n`` holds
       each sequence's state at its true last step, and the reverse direction starts at its true last token.
-      A length of 0 returns the initial state.
+      A length of 0 returns the initial state. The padded steps are zeroed before anything reads them, so
+      whatever they hold (NaN, inf) reaches no output, state or gradient. Under ``torch.func.vmap`` over
+      unbatched samples, ``lengths`` may be a 0-d tensor per sample (per-sample gradients).
 
     Returns ``(output, h_n)``, with ``h_n`` a tuple ``(h_n, c_n, ...)`` when the cell's state has several
-    fields; output is (T, B, D·H).
+    fields; output is (T, B, D·H). With ``proj_size`` P (LSTM cells) h is projected: output (T, B, D·P),
+    h_n (L·D, B, P), c_n (L·D, B, H), parameters ``weight_hr_l{k}[_reverse]`` (P, H), as torch.nn.LSTM.
+
+    Errors are torch.nn's exception types (TypeError/ValueError for constructor arguments, ValueError for
+    the input's rank or dtype, RuntimeError for input size, hx shape or dtype), and ``torch.jit.trace``
+    is refused (a trace would fix the number of steps); docs/compatibility.md lists what holds.
+    Under ``torch.autocast`` the layer runs in the precision torch.nn's layer of the same kind would.
 
     Regularisers beyond torch.nn, for any cell (keyword-only, off by default; with both at 0 nothing runs):
 
@@ -120,7 +134,8 @@ class Recurrent(nn.Module):
       the expectation ``s_t = (1 − z) ⊙ step(s_{t−1}) + z ⊙ s_{t−1}``: so zoneout is *not* the identity in
       evaluation, and a model trained with it must be evaluated with it.
 
-    While either is active the readable loop runs (a cell's ``fast_scan`` knows nothing of them).
+    While either is active the readable loop runs (a cell's ``fast_scan`` knows nothing of them); see
+    :meth:`_path` for the whole rule.
     """
 
     def __init__(
@@ -310,10 +325,12 @@ class Recurrent(nn.Module):
                 p = self.layer_params(k, d)
                 if dtype != x.dtype or any(t is not None and t.dtype != dtype for t in p.values()):
                     p = {n: t if t is None else t.to(dtype) for n, t in p.items()}  # autocast
-                xw = cell.project(p, layer_input)  # (T, B, G): the input of every step in one product
-                if d == 1:
-                    xw = reverse_padded(xw, lengths)
-                output, state = self._scan(k, d, cell, p, xw, states[k * self.num_directions + d], mask)
+                xw = _projection(cell, p, layer_input, d, lengths)  # (T, B, G): every step's input in one product
+
+                def xw_again(cell=cell, p=p, layer_input=layer_input, d=d):  # for a double backward's replay
+                    return _projection(cell, p, layer_input, d, lengths)
+
+                output, state = self._scan(k, d, cell, p, xw, states[k * self.num_directions + d], mask, xw_again)
                 outputs.append(output if d == 0 else reverse_padded(output, lengths))
                 finals.append(state)
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (T, B, D·H)
@@ -322,7 +339,7 @@ class Recurrent(nn.Module):
         h_n = [torch.stack(field) for field in zip(*finals)]  # per state field: (L·D, B, H)
         return layer_input, h_n[0] if len(h_n) == 1 else tuple(h_n)
 
-    def _scan(self, k: int, d: int, cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None):
+    def _scan(self, k: int, d: int, cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None, xw_again=None):
         """Run one layer and direction over time on the path :meth:`_path` chooses."""
         regularise = {}
         if self.recurrent_dropout and self.training:
@@ -337,6 +354,8 @@ class Recurrent(nn.Module):
             finally:
                 cell._recorder = None
         if self._path(cell, regularise, (xw, *state, *(t for t in p.values() if t is not None))) == "fast":
+            if cell.fast_scan_recomputes_input:
+                return cell.fast_scan(p, xw, state, mask, xw_again=xw_again)
             return cell.fast_scan(p, xw, state, mask)
         return scan(cell, p, xw, state, mask, **regularise)
 
@@ -571,6 +590,7 @@ class RNN(Recurrent):
                          bidirectional, device, dtype, nonlinearity=nonlinearity, proj_size=proj_size,
                          recurrent_dropout=recurrent_dropout, zoneout=zoneout)
         self.nonlinearity = nonlinearity
+        self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"  # torch.nn's name of the kind
 
 
 class LSTM(Recurrent):
@@ -586,6 +606,7 @@ class LSTM(Recurrent):
         super().__init__(LSTMCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device, dtype, proj_size=proj_size, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout)
+        self.mode = "LSTM"
 
 
 class GRU(Recurrent):
@@ -599,3 +620,4 @@ class GRU(Recurrent):
         super().__init__(GRUCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device, dtype, proj_size=proj_size, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout)
+        self.mode = "GRU"
