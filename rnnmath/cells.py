@@ -212,7 +212,9 @@ class Cell(nn.Module):
             p = {n: t if t is None else t.to(dtype) for n, t in p.items()}
             input = input if ids else input.to(dtype)
             state = self.State(*(s.to(dtype) for s in state))
-        with torch.autocast(device_type, enabled=False):
+            with torch.autocast(device_type, enabled=False):
+                state = self.step(p, self.project(p, input), state)
+        else:
             state = self.step(p, self.project(p, input), state)
         if not batched:
             state = self.State(*(s.squeeze(0) for s in state))

@@ -280,13 +280,14 @@ class Recurrent(nn.Module):
             if not ids:
                 # padding never reaches a result: 0 × NaN/inf there would poison every weight gradient
                 x = x.masked_fill(~mask, 0.0)
-        if not ids:
-            x = x.to(compute_dtype)
-        states = [s._replace(**{f: v.to(compute_dtype) for f, v in s._asdict().items()})
-                  for s in self._initial_states(hx, B, x)]
-
-        # under autocast the layer runs in one precision it chooses (_compute_dtype), as torch.nn's layers do
-        with torch.autocast(x.device.type, enabled=False):
+        states = self._initial_states(hx, B, x)
+        if torch.is_autocast_enabled(x.device.type):
+            # the layer runs in one precision it chooses (_compute_dtype), as torch.nn's layers do
+            x = x if ids else x.to(compute_dtype)
+            states = [type(s)(*(v.to(compute_dtype) for v in s)) for s in states]
+            with torch.autocast(x.device.type, enabled=False):
+                output, h_n = self._run(x, states, lengths, mask, compute_dtype)
+        else:
             output, h_n = self._run(x, states, lengths, mask, compute_dtype)
         if self._trace is not None:
             self._trace.finish(lengths, T, B, x.device)
