@@ -401,6 +401,7 @@ def test_torch_func_transforms(name):
     jac = torch.func.jacrev(lambda x_: ours(x_)[0])(x)
     jac_ref = torch.func.jacrev(lambda x_: ref(x_)[0])(x)
     torch.testing.assert_close(jac, jac_ref, **TOL[torch.float64])
+    torch.testing.assert_close(torch.func.jacfwd(lambda x_: ours(x_)[0])(x), jac_ref, **TOL[torch.float64])
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, x)  # unbatched samples (T, I)
     for b in range(2):
         one = torch.func.grad(loss)(params, x[:, b])
@@ -670,6 +671,18 @@ def test_quantize_dynamic_leaves_rnnmath_layers_in_float():
     assert type(quantized.rnn) is rnnmath.LSTM
     x = torch.randn(5, 2, 3)
     torch.testing.assert_close(quantized(x)[0], model(x)[0])
+
+
+def test_compatibility_page_names_every_torch_nn_argument():
+    """docs/compatibility.md lists every constructor argument of torch.nn's RNN layers and cells."""
+    import inspect
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "compatibility.md").read_text()
+    for base in (torch.nn.modules.rnn.RNNBase, torch.nn.modules.rnn.RNNCellBase):
+        for name in inspect.signature(base.__init__).parameters:
+            if name not in ("self", "mode", "num_chunks"):
+                assert f"`{name}`" in page or f", {name}" in page or f"({name}" in page, name
 
 
 # -- issue 11's failing inputs, each as it was reported -------------------------------------------------------
