@@ -19,7 +19,10 @@ attribute test unless the layer is being traced.
 
 Optionally, ``fast_scan(p, xw, state, mask) -> (outputs, last state)`` runs a whole sequence at once (held equal
 to the loop of ``step`` by the tests); set ``fast_scan_composable = True`` when it is plain differentiable torch
-code, so that it also runs under torch.compile and torch.func. docs/cells.md walks through an example.
+code, so that it also runs under torch.compile and torch.func. A fast_scan that is an autograd.Function
+(rnnmath.fused) differentiates the readable loop for a double backward; with ``fast_scan_recomputes_input``
+it takes ``xw_again``, a function the layer gives it to recompute xw then. docs/cells.md walks through an
+example.
 
 Used alone, a cell owns its parameters and is called like ``torch.nn.RNNCell/LSTMCell/GRUCell``. Inside a
 layer (:class:`rnnmath.Recurrent`) the layer owns the parameters under torch.nn's flat names

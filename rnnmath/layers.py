@@ -277,9 +277,9 @@ class Recurrent(nn.Module):
         if lengths is not None:
             lengths = _check_lengths(lengths, B, T)
             mask = (torch.arange(T, device=x.device).unsqueeze(1) < lengths.to(x.device)).unsqueeze(2)  # (T, B, 1)
-            if not ids:
-                # padding never reaches a result: 0 × NaN/inf there would poison every weight gradient
-                x = x.masked_fill(~mask, 0.0)
+            # padding never reaches a result: 0 × NaN/inf there would poison every weight gradient, and a
+            # padding id outside the vocabulary (-1, -100) would be refused
+            x = x.masked_fill(~mask, 0.0) if not ids else x.masked_fill(~mask.squeeze(2), 0)
         states = self._initial_states(hx, B, x)
         if torch.is_autocast_enabled(x.device.type):
             # the layer runs in one precision it chooses (_compute_dtype), as torch.nn's layers do
@@ -374,7 +374,7 @@ class Recurrent(nn.Module):
         """
         if regularise or not self.fast or getattr(cell, "fast_scan", None) is None:
             return "loop"
-        if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        if getattr(forward_ad, "_current_level", 0) >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
             return "loop"
         transformed = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
         if transformed and not cell.fast_scan_composable:

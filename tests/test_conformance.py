@@ -423,9 +423,12 @@ def test_autocast_returns_what_torch_returns(name, dtype):
     torch.manual_seed(4)
     ref, ours = getattr(torch.nn, name)(6, 5), getattr(rnnmath, name)(6, 5)
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 2, 6) if not name.endswith("Cell") else torch.randn(2, 6)
+    cell = name.endswith("Cell")
+    x = torch.randn(2, 6) if cell else torch.randn(4, 2, 6)
+    h = torch.randn(2, 5) if cell else torch.randn(1, 2, 5)
+    hx = (h, torch.randn_like(h)) if "LSTM" in name else h  # float32 states, as a user would pass
     with torch.autocast("cpu", dtype=dtype):
-        want, got = tensors_of(ref(x)), tensors_of(ours(x))
+        want, got = tensors_of(ref(x, hx)), tensors_of(ours(x, hx))
     for a, b in zip(got, want):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
@@ -624,6 +627,20 @@ def test_padding_never_leaks(cell, fast, fill):
         alone = [a + gp for a, gp in zip(alone, gb[1:])]
     for a, gp in zip(alone, grads[1:]):
         torch.testing.assert_close(gp, a, **TOL[torch.float64])
+
+
+def test_padding_token_ids_outside_the_vocabulary_are_never_read():
+    torch.manual_seed(7)
+    layer = rnnmath.GRU(10, 4, bidirectional=True)
+    ids = torch.randint(0, 10, (6, 2))
+    padded = ids.clone()
+    padded[3:, 1] = -100  # an ignore index as padding
+    out, h = layer(padded, lengths=torch.tensor([6, 3]))
+    want, h_want = layer(ids[:3, 1:])
+    torch.testing.assert_close(out[:3, 1:], want)
+    torch.testing.assert_close(h[:, 1:], h_want)
+    with pytest.raises(ValueError, match="token ids must lie in"):  # inside a sequence it is still an error
+        layer(padded)
 
 
 def test_per_sample_gradients_over_lengths_with_vmap():
