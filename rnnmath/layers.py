@@ -374,10 +374,12 @@ class Recurrent(nn.Module):
         """
         if regularise or not self.fast or getattr(cell, "fast_scan", None) is None:
             return "loop"
-        if getattr(forward_ad, "_current_level", 0) >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        if cell.fast_scan_composable:  # plain torch code: runs under every transform
+            return "fast"
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return "loop"
-        transformed = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-        if transformed and not cell.fast_scan_composable:
+        dual_level = getattr(forward_ad, "_current_level", 0) >= 0  # a forward_ad.dual_level() is open
+        if dual_level and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
             return "loop"
         return "fast"
 
