@@ -676,6 +676,27 @@ def test_jit_trace_refuses_rather_than_fix_the_length(name, fast):
         torch.jit.trace(layer, torch.randn(6, 2, 3))
 
 
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_jit_trace_of_a_cell_is_right_at_other_batch_sizes(name):
+    """A cell has no loop over time: its trace holds at any batch size, with hx or without."""
+    torch.manual_seed(9)
+    cell = getattr(rnnmath, name)(3, 4)
+    lstm = name == "LSTMCell"
+
+    def state(b):
+        return (torch.randn(b, 4), torch.randn(b, 4)) if lstm else torch.randn(b, 4)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bare = torch.jit.trace(cell, (torch.randn(2, 3),))
+        with_hx = torch.jit.trace(cell, (torch.randn(2, 3), state(2)))
+    x, hx = torch.randn(5, 3), state(5)
+    for got, want in ((bare(x), cell(x)), (with_hx(x, hx), cell(x, hx))):
+        for a, b in zip(tensors_of(got), tensors_of(want)):
+            assert a.shape == (5, 4)
+            torch.testing.assert_close(a, b)
+
+
 def test_quantize_dynamic_leaves_rnnmath_layers_in_float():
     """quantize_dynamic swaps torch.nn.LSTM/GRU/Linear by type; rnnmath's layers are not among them and stay
     float (docs/compatibility.md says so), with unchanged results."""
