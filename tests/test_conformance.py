@@ -144,6 +144,20 @@ def test_module_info_samples_match_torch(name, i, dtype):
     assert_same_run(run(ref2, fresh(args), kwargs), expected, dtype)
 
 
+PACKED_CASES = [(name, i) for name in ("RNN", "GRU")
+                for i, sample in enumerate(samples(name, with_packed_sequence=True))
+                if isinstance(sample.forward_input.args[0], PackedSequence)]
+
+
+@pytest.mark.parametrize("name,i", PACKED_CASES, ids=[f"{n}-{i}" for n, i in PACKED_CASES])
+def test_module_info_packed_samples_match_torch(name, i):
+    """The PackedSequence samples torch's inputs function makes on request (with_packed_sequence=True)."""
+    sample = samples(name, with_packed_sequence=True)[i]
+    ref, ours = twins(name, sample.constructor_input, torch.float64)
+    args, kwargs = sample.forward_input.args, sample.forward_input.kwargs
+    assert_same_run(run(ours, fresh(args), kwargs), run(ref, fresh(args), kwargs), torch.float64)
+
+
 def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The same values in a non-contiguous layout (every other element of a doubled last axis)."""
     wide = torch.repeat_interleave(t.detach(), 2, dim=-1)[..., ::2]
