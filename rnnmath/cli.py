@@ -200,7 +200,6 @@ def train_command(args: argparse.Namespace) -> int:
         CHECKPOINT,
         CONFIG,
         HISTORY,
-        RUN_FILES,
         load_description,
         load_model,
         write_json,
@@ -226,9 +225,6 @@ def train_command(args: argparse.Namespace) -> int:
                             "without --resume")
         print(f"rnnmath: {out} holds no checkpoint yet (the run stopped before the end of its first epoch): "
               "starting that run over with its saved settings", file=sys.stderr)
-    if args.overwrite and distributed.is_main():
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
     examples = read_data(args, args.data)
     datamod.check_labels(examples, args.max_labels)
     val = read_data(args, args.val) if args.val else None
@@ -258,12 +254,14 @@ def train_command(args: argparse.Namespace) -> int:
     progress = not quiet and sys.stderr.isatty()
     if log:
         log(f"training on {threads} thread(s)")
+    split = {"train": train_set, "val": val, "test": test}
     history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log,
-                    on_start=lambda out: write_split_record(out, {"train": train_set, "val": val, "test": test},
-                                                            reader_options(args)))
+                    overwrite=args.overwrite, on_start=lambda out: write_split_record(out, split, reader_options(args)))
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
-    result = {"model": str(out), "train": len(train_set), "val": len(val), **history}
+    result = {"model": str(out), "train": len(train_set), "val": len(val), **history,
+              "val_source": args.val or f"{'10%' if args.test else '10% (of 80/10/10)'} of {args.data}",
+              "test_source": args.test or f"{'10%' if args.val else '10% (of 80/10/10)'} of {args.data}"}
     if len(test):
         trained = load_model(out)
         predicted = trained.predict(test.texts).argmax(1)

@@ -211,6 +211,11 @@ def read_examples(
         reader.read_fasttext(records)
     else:
         reader.read_tsv(records, text_column, label_column, i_text, i_label)
+    examples = reader.examples
+    if i_text is not None and len(examples) > 2 and examples.labels.count(examples.labels[0]) == 1:
+        examples.notes.append(f"{name} line {examples.lines[0]}: its label {examples.labels[0]!r} occurs on no "
+                              "other line, so it may be a header; with column numbers every line is data (name "
+                              "the columns instead if the file has a header)")
     if not reader.examples.texts:
         if reader.examples.skipped:
             raise UserError(f"{name}: all {len(reader.examples.skipped)} records are bad; none left to use")

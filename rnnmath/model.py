@@ -371,9 +371,12 @@ def write_split_record(directory: Path, parts: dict[str, Examples], reader: dict
         record[name] = {"file": source, "lines": list(examples.lines), "n": len(examples)}
     train = parts["train"]
     keys = sorted({k for k in map(sentence_key, train.texts) if k is not None})
-    write_json(directory / SPLIT, "split", parts=record, files=files, reader=reader,
-               fingerprint=hashlib.sha256(json.dumps([train.texts, train.labels]).encode()).hexdigest(),
-               train_keys=keys)
+    document = {"format": "rnnmath-split", "format_version": FORMAT_VERSION, "parts": record, "files": files,
+                "reader": reader, "train_keys": keys,
+                "fingerprint": hashlib.sha256(json.dumps([train.texts, train.labels]).encode()).hexdigest()}
+    # compact, unlike the other JSON files: its lists grow with the data (about 25 bytes a training sentence)
+    atomic_write(directory / SPLIT, (json.dumps(document, sort_keys=True, ensure_ascii=False,
+                                                separators=(",", ":")) + "\n").encode())
 
 
 def read_split_record(directory: str | Path) -> dict | None:

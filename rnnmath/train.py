@@ -35,6 +35,7 @@ from .model import (
     CHECKPOINT,
     CONFIG,
     HISTORY,
+    RUN_FILES,
     WEIGHTS,
     Classifier,
     Config,
@@ -139,12 +140,14 @@ def train(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     on_start: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
     directory ``out`` (see rnnmath.model) and return its history.
 
     ``on_start(out)`` is called once a fresh run has written its description, to add files of the caller's
-    (the CLI writes split.json there).
+    (the CLI writes split.json there). With ``overwrite`` a run already in ``out`` is replaced: its files
+    (``model.RUN_FILES``, nothing else) are removed once the new run has passed its checks.
 
     With ``resume`` the run continues from ``out``'s checkpoint: config, vocabulary and labels come from
     ``out``, and the data must be the same as before.
@@ -163,7 +166,7 @@ def train(
     else:
         if resume and not (out / CONFIG).exists():
             raise UserError(f"--resume: {out} holds no run to resume; train without --resume first")
-        if not resume and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
+        if not resume and not overwrite and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
             raise UserError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
                             "replace it, or another --out")
         labels = sorted(set(train_set.labels))
@@ -189,6 +192,9 @@ def train(
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
+            if overwrite:  # only now: a mistake caught above leaves the old run whole
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
             save_description(out, config, vocab, labels)
             if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
                 on_start(out)

@@ -19,7 +19,9 @@ from safetensors import safe_open
 from rnnmath import cli, data
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-TINY = ["--hidden", "8", "--vocab-size", "60", "--max-len", "12", "--epochs", "2", "--batch-size", "16"]
+# --threads 1: the default depends on the load average, and byte-identical reruns need one thread count
+TINY = ["--hidden", "8", "--vocab-size", "60", "--max-len", "12", "--epochs", "2", "--batch-size", "16",
+        "--threads", "1"]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -331,6 +333,11 @@ def test_val_without_test_says_what_it_did(order_files, tmp_path, capsys):
     assert code == 0
     assert (f"split {order_files['train']} (stratified, seed 0): train 216, test 24 sentences; no --test file was "
             "given, so 10% of --data is the test set") in err
+    code, out, _ = run(capsys, "train", "--data", str(order_files["train"]), "--val", str(order_files["train"]),
+                       "--out", str(tmp_path / "j"), *TINY, "--epochs", "1", "--json")
+    result = json.loads(out)
+    assert result["test_source"] == f"10% of {order_files['train']}" and result["test"]["n"] == 24
+    assert result["val_source"] == str(order_files["train"])
 
 
 # -- issue 12.5: usable from programs and under load ------------------------------------------------------------

@@ -430,3 +430,12 @@ def test_order_task_is_seeded_and_has_twins_with_opposite_labels():
     a, b = task.texts[index].split(" was ")[1].split(" but ")
     twin = task.texts[index].replace(f"{a} but {b}", f"{b} but {a}")
     assert task.texts[index + 1] == twin and task.labels[index + 1] != task.labels[index]
+
+
+def test_column_numbers_on_a_file_with_a_header_say_so(tmp_path):
+    path = write(tmp_path, "h.tsv", "sentiment\treview\npos\tgood\nneg\tbad\npos\tfine\n")
+    examples = read_examples(path, text_column=2, label_column=1)
+    assert examples.labels == ["sentiment", "pos", "neg", "pos"]  # read as data, as asked
+    assert examples.notes == [f"{path} line 1: its label 'sentiment' occurs on no other line, so it may be a header; "
+                              "with column numbers every line is data (name the columns instead if the file has a "
+                              "header)"]

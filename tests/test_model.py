@@ -193,7 +193,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 def test_existing_model_is_not_overwritten_without_resume(tmp_path):
     train_set, val_set = task()
     train(dataclasses.replace(TINY, epochs=1), train_set, val_set, tmp_path / "m")
-    with pytest.raises(UserError, match="already holds a model"):
+    with pytest.raises(UserError, match="already holds a run; pass --resume to continue it, --overwrite to replace it"):
         train(TINY, train_set, val_set, tmp_path / "m")
 
 

@@ -33,9 +33,10 @@ from hypothesis import strategies as st
 
 from rnnmath import cli, data
 
-# bidirectional GRU of 4 units over 50 words: trains in about a second
+# bidirectional GRU of 4 units over 50 words: trains in about a second; one thread, because the default thread
+# count follows the load average and byte-identical reruns need the same count
 TINY = ["--hidden", "4", "--vocab-size", "50", "--max-len", "12", "--batch-size", "16", "--dropout", "0.2",
-        "--quiet"]
+        "--quiet", "--threads", "1"]
 LABELS = ["negative", "positive"]
 
 
@@ -764,3 +765,17 @@ def test_history_stays_small_with_many_classes(tmp_path, capsys):
     history = json.loads((tmp_path / "m" / "history.json").read_text())
     assert "confusion" not in history["test"] and len(history["test"]["per_class"]) == 150
     assert (tmp_path / "m" / "history.json").stat().st_size < 60_000
+
+
+def test_overwrite_with_a_mistake_keeps_the_old_run(model, files, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(model, out)
+    before = snapshot(out)
+    one_class = write_tsv(tmp_path / "one.tsv", ["good", "fine", "great"], ["positive"] * 3)
+    code, _, err = run(capsys, "train", "--data", one_class, "--out", out, "--overwrite", *TINY)
+    assert_one_error(code, err, "single class")
+    code, _, err = run(capsys, "train", "--data", tmp_path / "missing.tsv", "--out", out, "--overwrite", *TINY)
+    assert_one_error(code, err, "no such file")
+    assert snapshot(out) == before
