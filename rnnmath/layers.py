@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import compiled
 from .cells import Cell, GRUCell, LSTMCell, RNNCell
 
 
@@ -259,7 +260,9 @@ class Recurrent(nn.Module):
             outputs = []
             for d in range(self.num_directions):
                 p = self.layer_params(k, d)
-                xw = cell.project(p, layer_input)  # (T, B, G): the input of every step in one product
+                fast = self.fast and self._trace is None and compiled.supported(layer_input)
+                # (T, B, G): the input of every step in one product
+                xw = compiled.project(cell, p, layer_input) if fast else cell.project(p, layer_input)
                 if d == 1:
                     xw = reverse_padded(xw, lengths)
                 output, state = self._scan(k, d, cell, p, xw, states[k * self.num_directions + d], mask)
@@ -272,8 +275,9 @@ class Recurrent(nn.Module):
         return layer_input, h_n[0] if len(h_n) == 1 else tuple(h_n)
 
     def _scan(self, k: int, d: int, cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None):
-        """Run one layer and direction over time: the readable loop `scan`, which is the specification, or a
-        cell's `fast_scan` (proven equal to it by the tests) when the cell has one and nothing looks inside."""
+        """Run one layer and direction over time: the readable loop `scan`, which is the specification, or,
+        when nothing looks inside, the generic compiled path (rnnmath.compiled, any cell, CPU) or else a cell's
+        `fast_scan`; the tests hold both equal to the loop."""
         regularise = {}
         if self.recurrent_dropout and self.training:
             h_mask = F.dropout(xw.new_ones(xw.shape[1], cell.hidden_size), self.recurrent_dropout)  # (B, H)
@@ -292,6 +296,8 @@ class Recurrent(nn.Module):
         transformed = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
         if transformed and not cell.fast_scan_composable:
             fast_scan = None
+        if self.fast and not regularise and compiled.supported(xw):  # measured fastest on the CPU, every cell
+            return compiled.generic_scan(cell, p, xw, state, mask)
         if self.fast and fast_scan is not None and not regularise:
             return fast_scan(p, xw, state, mask)
         return scan(cell, p, xw, state, mask, **regularise)
