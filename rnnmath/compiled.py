@@ -55,7 +55,6 @@ from torch.overrides import TorchFunctionMode
 
 from .cells import Cell
 
-
 enabled: bool = os.environ.get("RNNMATH_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 """Compile the generic path (default True). False (or RNNMATH_COMPILE=0 at import) leaves cells without a
 hand-written fast path on the readable loop and never starts the compiler."""

@@ -182,3 +182,26 @@ def test_a_new_cell_gets_the_compiled_path(monkeypatch):
     assert_close_scaled(got[1], want[1], torch.float64)
     assert compiled._graphs(cell, p, xw, state, None, compile=True).split
     assert "CIFGLSTMCell B=3 H=4 float64" in compiled.COMPILE_SECONDS
+
+
+def test_bench_covers_every_cell_and_thread_count():
+    """`rnnmath bench` times every cell (and the docs' new cell), training and inference, at each thread count,
+    and reports the worst ratio per cell against its torch.nn reference (a tiny grid; compilation off here)."""
+    import argparse
+
+    from rnnmath import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--hidden", "3", "--steps", "2", "--batch", "2", "--repeats", "1", "--threads", "1",
+                              "--no-memory", "--no-seed"])
+    threads = torch.get_num_threads()
+    try:
+        result = bench.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert {(r["cell"], r["mode"]) for r in result["rows"]} == {(c, m) for c in bench.CELLS for m in ("train", "infer")}
+    assert {w["cell"] for w in result["worst"]} == set(bench.CELLS)
+    lstm = next(r for r in result["rows"] if r["cell"] == "layernorm_lstm")
+    assert lstm["reference"] == "torch.nn.LSTM" and lstm["rnnmath ms"] > 0 and lstm["readable ms"] > 0
+    assert "| cifg_lstm (docs) |" in bench.report(result)
