@@ -266,33 +266,40 @@ class _GenericScan(torch.autograd.Function):
         if mask is not None:
             grad_output = grad_output.masked_fill(~mask, 0.0)
         grads = [g if g is not None else torch.zeros_like(f[-1]) for g, f in zip(grad_last, fields)]
-        grads = [g.clone() for g in grads]
-        if grad_output is not None:
-            grads[0] = grads[0] + grad_output[T - 1] if T else grads[0]
-        dx = torch.empty_like(xw)  # (T, B, G_x)
-        dhw = torch.empty_like(hws) if graphs.split else None  # (T, B, G)
-        dparams = [torch.zeros_like(q) for q in params]
+        grads[0] = grads[0] + grad_output[T - 1]
+        # per step only the compiled call and the product ∂L/∂hw_t W_hh; everything else is gathered after the loop
+        dxs, dhws, dparams = [], [], [[] for _ in params]
         keep = mask.unbind(0) if mask is not None else None
-        n_lead = 2 if graphs.split else 1
+        lead = 2 if graphs.split else 1
+        grad_outputs = grad_output.unbind(0)
         for t in reversed(range(T)):
             inputs = [xw[t]] + ([hws[t]] if graphs.split else []) + [f[t] for f in fields] + list(params)
             if keep is not None:
                 inputs.append(keep[t])
             found = graphs.backward(*inputs, *grads)
-            dx[t].copy_(found[0])
-            dstate = [g if g is not None else torch.zeros_like(f[t])
-                      for g, f in zip(found[n_lead:n_lead + n_state], fields)]
-            for acc, g in zip(dparams, found[n_lead + n_state:n_lead + n_state + len(params)]):
+            dxs.append(found[0])
+            for acc, g in zip(dparams, found[lead + n_state:lead + n_state + len(params)]):
                 if g is not None:
-                    acc.add_(g)
+                    acc.append(g)
+            dstate = [g if g is not None else torch.zeros_like(f[t])
+                      for g, f in zip(found[lead:lead + n_state], fields)]
+            direct = found[lead]  # ∂L/∂h_{t-1} other than through hw (None when h enters only the product)
             if graphs.split:
-                dhw[t].copy_(found[1])
-                dstate[0] = torch.addmm(dstate[0], found[1], weight_hh)  # ∂L/∂h_{t-1} through hw = h W_hhᵀ
-            if t > 0 and grad_output is not None:
-                dstate[0] = dstate[0] + grad_output[t - 1]
+                dhws.append(found[1])
+                carried = grad_outputs[t - 1] if t > 0 else None
+                if direct is not None:
+                    carried = direct if carried is None else carried + direct
+                # ∂L/∂h_{t-1} through hw = h W_hhᵀ
+                dstate[0] = torch.mm(found[1], weight_hh) if carried is None else torch.addmm(carried, found[1],
+                                                                                            weight_hh)
+            elif t > 0:
+                dstate[0] = dstate[0] + grad_outputs[t - 1]
             grads = dstate
+        dx = torch.stack(dxs[::-1])  # (T, B, G_x)
+        dparams = [torch.stack(g).sum(0) if g else torch.zeros_like(q) for g, q in zip(dparams, params)]
         dW = None
         if graphs.split and ctx.needs_input_grad[6]:
+            dhw = torch.stack(dhws[::-1])  # (T, B, G)
             G, H = dhw.shape[2], fields[0].shape[2]
             dW = torch.mm(dhw.reshape(-1, G).t(), fields[0][:-1].reshape(-1, H))  # (G, H): one product
         return (None, None, None, dx, None, None, dW, *grads, *dparams)
