@@ -18,11 +18,17 @@ How the figures are made (the rules of /work/shared/BENCHMARKING.md):
   the parent's peak; elsewhere getrusage maxrss; on CUDA ``torch.cuda.max_memory_allocated``); ``step MB`` is
   the peak during the step minus the resident memory after building the layer and its input.
 
-Implementations: ``rnnmath`` (the layer's fast path, :mod:`rnnmath.fused`), ``torch.nn`` (native kernels:
-oneDNN's LSTM on CPU, cuDNN on CUDA), ``readable`` (the same rnnmath layer with ``fast = False``: the
-per-step loop that is the specification). The seed's configuration (token ids, vocabulary 400, 30 steps,
-state 3, batch 128, tanh RNN) compares the seed tutorial's loop ``h = tanh(one_hot(x_t) W_ih + h W_hh + b)``,
-torch.nn.RNN fed the same one-hot vectors, and rnnmath.RNN fed the token ids (a row lookup).
+Implementations, for every cell of ``rnnmath.CELLS`` and docs/cells.md's CIFG cell (a new cell written as its
+equations only): ``rnnmath`` (the layer's default path: on the CPU the generic compiled path of
+:mod:`rnnmath.compiled`), ``torch.nn`` (the cell's torch.nn counterpart — oneDNN's LSTM and torch's C++ RNN/GRU
+loops on CPU, cuDNN on CUDA — and torch.nn.LSTM at the same B, T, I, H for the cells torch.nn lacks), ``hand``
+(the cell's hand-written ``fast_scan``, run with compilation off: the fused RNN/LSTM/GRU of :mod:`rnnmath.fused`,
+minGRU's and minLSTM's parallel scan) and ``readable`` (the same rnnmath layer with ``fast = False``: the
+per-step loop that is the specification). Each configuration is timed at every thread count of ``--threads``
+(default 1 and 2), the models built once; compile times (first calls) are listed. The seed's configuration
+(token ids, vocabulary 400, 30 steps, state 3, batch 128, tanh RNN) compares the seed tutorial's loop
+``h = tanh(one_hot(x_t) W_ih + h W_hh + b)``, torch.nn.RNN fed the same one-hot vectors, and rnnmath.RNN fed the
+token ids (a row lookup).
 """
 
 from __future__ import annotations

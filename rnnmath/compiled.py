@@ -46,6 +46,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,11 @@ hand-written fast path on the readable loop and never starts the compiler."""
 
 COMPILE_SECONDS: dict[str, float] = {}
 """Seconds spent tracing and compiling, per cell class and shapes (e.g. ``"LayerNormLSTMCell B=64 H=256 ..."``)."""
+
+
+# per cell object (one per layer), outside it so that copying or deep-copying a layer copies no compiled code
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROJECTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class NotSplittable(Exception):
@@ -206,10 +212,10 @@ def _build(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool)
 
 
 def _graphs(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool) -> _Graphs:
-    """The graphs of cell for these shapes, built on first use and kept on the cell (one cell per layer)."""
+    """The graphs of cell for these shapes, built on first use and kept while the cell lives (one per layer)."""
     key = (tuple(xw.shape[1:]), tuple(state.h.shape), xw.dtype, xw.device, mask is not None, compile,
            tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in p.items()))
-    cache = cell.__dict__.setdefault("_compiled_graphs", {})
+    cache = _GRAPHS.setdefault(cell, {})
     if key not in cache:
         try:
             cache[key] = _build(cell, p, xw, state, mask, compile)
@@ -366,7 +372,7 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
     the plain ``x W_ihᵀ + b_ih`` (LayerNorm-LSTM normalises it); token ids always run eagerly (their check)."""
     if type(cell).project is Cell.project or not x.is_floating_point():
         return cell.project(p, x)
-    fn = cell.__dict__.get("_compiled_project")
+    fn = _PROJECTS.get(cell)
     if fn is None:
         start = time.perf_counter()
         fn = torch.compile(lambda p, x: cell.project(p, x), dynamic=True, fullgraph=True)
@@ -376,7 +382,7 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
             _give_up(error)
             return cell.project(p, x)
         COMPILE_SECONDS[f"{type(cell).__name__} project"] = time.perf_counter() - start
-        cell.__dict__["_compiled_project"] = fn
+        _PROJECTS[cell] = fn
         return xw
     return fn(p, x)
 

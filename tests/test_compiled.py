@@ -163,6 +163,9 @@ def test_compiled_layer_equals_readable_layer(monkeypatch):
     assert_close_scaled(results[True], results[False], dtype)
     assert any(k.startswith("LayerNormLSTMCell B=2 H=4") and k.endswith("lengths") for k in compiled.COMPILE_SECONDS)
     assert "LayerNormLSTMCell project" in compiled.COMPILE_SECONDS
+    copy = __import__("copy").deepcopy(layer)  # the compiled code stays outside the layer: copies start afresh
+    copy.fast = True
+    torch.testing.assert_close(copy(x, lengths=lengths)[0], results[True][0])
 
 
 def test_a_new_cell_gets_the_compiled_path(monkeypatch):
