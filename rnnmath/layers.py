@@ -296,7 +296,7 @@ class Recurrent(nn.Module):
         transformed = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
         if transformed and not cell.fast_scan_composable:
             fast_scan = None
-        if self.fast and not regularise and compiled.supported(xw):  # measured fastest on the CPU, every cell
+        if self.fast and not regularise and compiled.supported(xw) and compiled.chosen_for(cell):  # measured faster
             return compiled.generic_scan(cell, p, xw, state, mask)
         if self.fast and fast_scan is not None and not regularise:
             return fast_scan(p, xw, state, mask)
