@@ -17,7 +17,8 @@ hand-written derivative:
    saved inputs): the derivative is autograd's, generated once per cell, shape, dtype and device.
 3. **Compile** (optional, on by default). ``torch._inductor.compile`` turns each graph into fused C++ loops
    (CPU) or Triton kernels (CUDA). The compiled code is cached in memory per cell and shapes and by inductor
-   on disk (its FX-graph cache), so a second process loads it. Compile time is counted in
+   on disk (its FX-graph cache). It happens on the :data:`min_calls`-th call with a batch size (before,
+   the cell's other paths run), so one-off shapes cost nothing. Compile time is counted in
    :data:`COMPILE_SECONDS`. ``RNNMATH_COMPILE=0`` (read at import) or ``rnnmath.compiled.enabled = False``
    turns compilation off; the generic path then does not run and the layer uses the readable loop.
 4. **Scan.** One :class:`torch.autograd.Function` runs the loop: the forward pass, with nothing recorded for
@@ -60,6 +61,11 @@ enabled: bool = os.environ.get("RNNMATH_COMPILE", "1").strip().lower() not in ("
 """Compile the generic path (default True). False (or RNNMATH_COMPILE=0 at import) leaves cells without a
 hand-written fast path on the readable loop and never starts the compiler."""
 
+min_calls: int = 3
+"""Compile a cell's step for a batch size on its ``min_calls``-th call with it (and its projection on its
+``min_calls``-th call); earlier calls take the cell's other paths. One-off shapes (a last partial batch, a single
+prediction) then never pay seconds of compilation."""
+
 COMPILE_SECONDS: dict[str, float] = {}
 """Seconds spent tracing and compiling, per cell class and shapes (e.g. ``"LayerNormLSTMCell B=64 H=256 ..."``)."""
 
@@ -67,6 +73,7 @@ COMPILE_SECONDS: dict[str, float] = {}
 # per cell object (one per layer), outside it so that copying or deep-copying a layer copies no compiled code
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PROJECTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # calls per cell and shapes before compiling
 
 
 class NotSplittable(Exception):
@@ -217,6 +224,8 @@ def _graphs(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool
            tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in p.items()))
     cache = _GRAPHS.setdefault(cell, {})
     if key not in cache:
+        if compile and not _due(cell, key):
+            return None
         try:
             cache[key] = _build(cell, p, xw, state, mask, compile)
         except Exception as error:  # noqa: BLE001 - a step that cannot be traced, or a compiler failure
@@ -225,6 +234,13 @@ def _graphs(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool
                 return None
             cache[key] = None  # e.g. Python control flow on tensor values: this cell keeps the readable loop
     return cache[key]
+
+
+def _due(cell, key) -> bool:
+    """Count a call of `cell` with `key`; True from the min_calls-th on."""
+    seen = _SEEN.setdefault(cell, {})
+    seen[key] = seen.get(key, 0) + 1
+    return seen[key] >= min_calls
 
 
 def _is_compiler_error(error: Exception) -> bool:
@@ -237,8 +253,11 @@ class _GenericScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphs, cell, p_template, xw, mask, n_state, weight_hh, *state_and_params):
         T = xw.shape[0]
-        state = list(state_and_params[:n_state])
-        params = list(state_and_params[n_state:])
+        # the compiled code assumes the layouts it was traced with: contiguous (expanded or transposed inputs,
+        # e.g. the gradient of a sum, would fail its stride checks)
+        xw = xw.contiguous()
+        state = [s.contiguous() for s in state_and_params[:n_state]]
+        params = [q.contiguous() for q in state_and_params[n_state:]]
         w_t = weight_hh.t() if graphs.split else None
         hws = xw.new_empty(T, xw.shape[1], weight_hh.shape[0]) if graphs.split else None  # (T, B, G)
         keep = mask.unbind(0) if mask is not None else None
@@ -250,7 +269,7 @@ class _GenericScan(torch.autograd.Function):
             inputs += state + params
             if keep is not None:
                 inputs.append(keep[t])
-            state = list(graphs.forward(*inputs))
+            state = [s.contiguous() for s in graphs.forward(*inputs)]
             history.append(state)
         ctx.graphs, ctx.cell, ctx.p_template, ctx.n_state, ctx.T = graphs, cell, p_template, n_state, T
         fields = [torch.stack([s[i] for s in history]) for i in range(n_state)]  # (T+1, B, H) each
@@ -271,7 +290,7 @@ class _GenericScan(torch.autograd.Function):
                                                         (grad_output, *grad_last)))
         if mask is not None:
             grad_output = grad_output.masked_fill(~mask, 0.0)
-        grads = [g if g is not None else torch.zeros_like(f[-1]) for g, f in zip(grad_last, fields)]
+        grads = [g.contiguous() if g is not None else torch.zeros_like(f[-1]) for g, f in zip(grad_last, fields)]
         grads[0] = grads[0] + grad_output[T - 1]
         # per step only the compiled call and the product ∂L/∂hw_t W_hh; everything else is gathered after the loop
         dxs, dhws, dparams = [], [], [[] for _ in params]
@@ -300,7 +319,7 @@ class _GenericScan(torch.autograd.Function):
                                                                                             weight_hh)
             elif t > 0:
                 dstate[0] = dstate[0] + grad_outputs[t - 1]
-            grads = dstate
+            grads = [g.contiguous() for g in dstate]
         dx = torch.stack(dxs[::-1])  # (T, B, G_x)
         dparams = [torch.stack(g).sum(0) if g else torch.zeros_like(q) for g, q in zip(dparams, params)]
         dW = None
@@ -366,7 +385,7 @@ def generic_scan(cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, compi
     if T == 0:
         return xw.new_zeros(0, xw.shape[1], cell.hidden_size), state
     graphs = _graphs(cell, p, xw, state, mask, compile)
-    if graphs is None:  # this step cannot be traced (or the compiler failed): the cell's other paths
+    if graphs is None:  # not yet due, cannot be traced, or the compiler failed: the cell's other paths
         from .layers import scan
 
         fast_scan = getattr(cell, "fast_scan", None)
@@ -385,6 +404,8 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
         return cell.project(p, x)
     fn = _PROJECTS.get(cell)
     if fn is None:
+        if not _due(cell, "project"):
+            return cell.project(p, x)
         start = time.perf_counter()
         fn = torch.compile(lambda p, x: cell.project(p, x), dynamic=True, fullgraph=True)
         try:
