@@ -15,12 +15,13 @@ hand-written derivative:
 2. **Trace.** ``torch.fx.experimental.proxy_tensor.make_fx`` records the update as a graph of ATen operations,
    and the graph of its vector-Jacobian product (autograd of the update, recomputing its forward from the
    saved inputs): the derivative is autograd's, generated once per cell, shape, dtype and device.
-3. **Compile** (optional, on by default). ``torch._inductor.compile`` turns each graph into fused C++ loops
-   (CPU) or Triton kernels (CUDA). The compiled code is cached in memory per cell and shapes and by inductor
-   on disk (its FX-graph cache). It happens on the :data:`min_calls`-th call with a batch size (before,
-   the cell's other paths run), so one-off shapes cost nothing. Compile time is counted in
-   :data:`COMPILE_SECONDS`. ``RNNMATH_COMPILE=0`` (read at import) or ``rnnmath.compiled.enabled = False``
-   turns compilation off; the generic path then does not run and the layer uses the readable loop.
+3. **Compile** (on by default). ``torch._inductor.compile`` turns each graph into fused C++ loops (TorchInductor,
+   Ansel et al. 2024, "PyTorch 2"; the layer enables this path on the CPU only, the one device measured).
+   The compiled code is cached in memory per cell and shapes, and by inductor on disk (its FX-graph cache).
+   It happens on the :data:`min_calls`-th call with a batch size (before, the cell's other paths run), so
+   one-off shapes cost nothing. Compile time is counted in :data:`COMPILE_SECONDS`. ``RNNMATH_COMPILE=0``
+   (read at import) or ``rnnmath.compiled.enabled = False`` turns compilation off; the layer then runs a
+   cell's hand-written ``fast_scan`` if it has one, else the readable loop.
 4. **Scan.** One :class:`torch.autograd.Function` runs the loop: the forward pass, with nothing recorded for
    autograd, is one matrix product and one compiled update call a step; the backward pass is one compiled
    vector-Jacobian call and one product ``∂L/∂hw_t W_hh`` a step, and after the loop ``∂L/∂W_hh =
@@ -58,8 +59,8 @@ from torch.overrides import TorchFunctionMode
 from .cells import Cell, RNNCell
 
 enabled: bool = os.environ.get("RNNMATH_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
-"""Compile the generic path (default True). False (or RNNMATH_COMPILE=0 at import) leaves cells without a
-hand-written fast path on the readable loop and never starts the compiler."""
+"""Use the compiled generic path (default True). False (or RNNMATH_COMPILE=0 at import) never starts the
+compiler: cells with a hand-written ``fast_scan`` run it, the others the readable loop."""
 
 min_calls: int = 3
 """Compile a cell's step for a batch size on its ``min_calls``-th call with it (and its projection on its
