@@ -370,7 +370,8 @@ def chosen_for(cell) -> bool:
 
 def supported(xw: Tensor) -> bool:
     """Whether the compiled generic path may run now: compilation on, a CPU tensor, and no mode it cannot serve."""
-    return (enabled and xw.device.type == "cpu" and not torch.is_autocast_enabled(xw.device.type)
+    return (enabled and xw.device.type == "cpu" and xw.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(xw.device.type)
             and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()
             and torch.autograd.forward_ad._current_level < 0)  # no forward-mode AD level entered

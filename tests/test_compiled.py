@@ -216,3 +216,20 @@ def test_bench_covers_every_cell_and_thread_count(monkeypatch):
     lstm = next(r for r in result["rows"] if r["cell"] == "layernorm_lstm")
     assert lstm["reference"] == "torch.nn.LSTM" and lstm["rnnmath ms"] > 0 and lstm["readable ms"] > 0
     assert "| cifg_lstm (docs) |" in bench.report(result)
+
+
+def test_generic_path_for_lstm_with_proj_size():
+    """h = W_hr (o ⊙ tanh c): W_hh still splits off, W_hr stays in the update (float64, lengths, hx)."""
+    torch.manual_seed(0)
+    layer = rnnmath.LSTM(6, 5, proj_size=2, dtype=torch.float64)
+    cell, p = layer.cells[0], layer.layer_params(0, 0)
+    xw = cell.project(p, torch.randn(7, 4, 6, dtype=torch.float64)).detach().requires_grad_()
+    state = cell.State(torch.randn(4, 2, dtype=torch.float64, requires_grad=True),
+                       torch.randn(4, 5, dtype=torch.float64, requires_grad=True))
+    mask = (torch.arange(7).unsqueeze(1) < torch.tensor([7, 0, 3, 1])).unsqueeze(2)
+    graphs = compiled._graphs(cell, p, xw, state, mask, compile=False)
+    assert graphs.split and "weight_hr" in graphs.names
+    got = run_path(cell, p, xw, state, mask, generic=True)
+    want = run_path(cell, p, xw, state, mask, generic=False)
+    assert_close_scaled(got[0], want[0], torch.float64)
+    assert_close_scaled(got[1], want[1], torch.float64)
