@@ -5,6 +5,15 @@ from .layers import GRU, LSTM, RNN, Recurrent, Trace, trace
 
 __all__ = [
     "CELLS", "Cell", "GRU", "GRUCell", "HiddenState", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "Trace", "trace",
+    "Recurrent", "Trace", "trace", "LanguageModel", "tbptt_batches",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The language-model tool (rnnmath.language_model), imported on first use: ``rnnmath.LanguageModel``."""
+    if name in ("LanguageModel", "tbptt_batches"):
+        from . import language_model
+
+        return getattr(language_model, name)
+    raise AttributeError(f"module 'rnnmath' has no attribute {name!r}")
