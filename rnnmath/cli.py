@@ -506,13 +506,17 @@ def add_inspect_parser(subparsers) -> None:
                               "self-contained page) and its figures as PNG: the prediction after each word, the "
                               "hidden states and gates, the gradient through time and each word's attribution.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
-    p.add_argument("text", help="the sentence to read")
+    p.add_argument("text", help="the sentence to read (a language model: the passage, or @FILE to read it from FILE)")
     p.add_argument("--out", required=True, metavar="OUTDIR", help="directory for report.html and the PNGs")
     p.add_argument("--json", action="store_true", help="also print the numbers as one JSON object")
     p.set_defaults(func=cmd_inspect)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if task_of(args.model) == "lm":
+        from . import language_model
+
+        return language_model.run_inspect(args)
     from . import flow, plots
 
     reading = flow.read_sentence(load_model(args.model), args.text)

@@ -668,3 +668,177 @@ def run_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+# -- see inside: the next-token probabilities, states, gates and the cell search of Karpathy et al. (2015) ----
+def text_properties(text: str) -> dict[str, Tensor]:
+    """Per-character properties (N,) of ``text`` for the cell search of Karpathy, Johnson & Fei-Fei (2015,
+    "Visualizing and Understanding Recurrent Networks", section 4.2): 1 inside double quotes (from an opening
+    '"' to the closing one), 1 inside parentheses or brackets (depth > 0, the brackets themselves included),
+    and the position in the line (characters since the last newline)."""
+    quote, depth, column = [], [], []
+    inside, level, col = False, 0, 0
+    for ch in text:
+        if ch == '"':
+            inside = not inside
+        if ch in "([":
+            level += 1
+        quote.append(float(inside or ch == '"'))
+        depth.append(float(level > 0))
+        if ch in ")]":
+            level = max(0, level - 1)
+        column.append(float(col))
+        col = 0 if ch == "\n" else col + 1
+    return {"inside quotes": torch.tensor(quote), "inside parentheses": torch.tensor(depth),
+            "position in line": torch.tensor(column)}
+
+
+def correlations(values: Tensor, prop: Tensor) -> Tensor:
+    """Pearson correlation (H,) of each unit of values (T, H) with prop (T,); 0 where either is constant."""
+    v = values.double() - values.double().mean(0)
+    p = prop.double() - prop.double().mean()
+    denominator = v.norm(dim=0) * p.norm()
+    return torch.where(denominator > 0, (v * p.unsqueeze(1)).sum(0) / denominator.clamp_min(1e-300), 0.0)
+
+
+@dataclass
+class PassageReading:
+    """A passage read by a language model; every tensor is plain and detached. Shapes: T tokens, H units."""
+
+    text: str
+    tokens: list[str]
+    unknown: list[bool]
+    p_next: Tensor  # (T − 1,): the probability the model gave to token t+1 after reading tokens 1..t
+    top: list[list[tuple[str, float]]]  # the 3 most probable next tokens after each token
+    states: dict[str, dict[str, Tensor]]  # 'layer 1' -> {h, c, gates} (T, H)
+    cells: list[dict]  # the cell search: property, layer, field, unit, correlation, values (T,), property (T,)
+    cell: str
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "unknown": self.unknown,
+                "p_next": [round(float(p), 6) for p in self.p_next],
+                "top": [[[t, round(p, 6)] for t, p in row] for row in self.top],
+                "cell_search": [{k: v for k, v in c.items() if k not in ("values", "property_values")}
+                                for c in self.cells]}
+
+
+@torch.no_grad()
+def read_passage(trained: TrainedLM, text: str) -> PassageReading:
+    """Read ``text`` with a trained language model: the probability of each next token, every layer's states
+    and gates (rnnmath.trace), and for each property of :func:`text_properties` that varies over the passage
+    (character level) the unit of h or c most correlated with it, of any layer."""
+    from . import trace
+
+    model, vocab = trained.model, trained.vocab
+    model.eval()
+    ids, _ = vocab.encode(text)
+    if ids.shape[0] < 2:
+        raise UserError("the passage must hold at least 2 tokens")
+    with trace(model.rnn) as tr:
+        logits, _ = model(ids.view(-1, 1))  # (T, 1, V)
+    p = logits[:, 0].double().softmax(-1)  # (T, V)
+    p_next = p[:-1].gather(1, ids[1:].unsqueeze(1)).squeeze(1)  # (T − 1,)
+    best = p.topk(min(3, p.shape[1]), dim=1)
+    top = [[(vocab.tokens[i], float(q)) for q, i in zip(qs.tolist(), js.tolist())]
+           for qs, js in zip(best.values, best.indices)]
+    states = {f"layer {k + 1}": {name: v[:, 0] for name, v in values.items()} for (k, _), values in tr.values.items()}
+    cells = []
+    if vocab.level == "char":
+        for name, prop in text_properties(text).items():
+            if prop.std() == 0:
+                continue
+            found = []
+            for layer, values in states.items():
+                for field_name in ("c", "h"):
+                    if field_name in values:
+                        r = correlations(values[field_name], prop)
+                        unit = int(r.abs().argmax())
+                        found.append((abs(float(r[unit])), layer, field_name, unit, float(r[unit])))
+            _, layer, field_name, unit, r = max(found)
+            cells.append({"property": name, "layer": layer, "field": field_name, "unit": unit, "correlation": r,
+                          "values": states[layer][field_name][:, unit], "property_values": prop})
+    unknown = [t not in vocab.index for t in tokenize(text, vocab.level)]
+    return PassageReading(text, tokenize(text, vocab.level), unknown, p_next.float(), top, states, cells,
+                          trained.config.cell)
+
+
+def _coloured_text(tokens: list[str], values: list[float], low: float, high: float, title: str) -> str:
+    """The passage as HTML, each token's background coloured by its value (blue low, red high), as in
+    Karpathy et al.'s figures; the value shows on hover."""
+    import html
+
+    spans = []
+    for token, v in zip(tokens, values):
+        x = 0.0 if high == low else max(0.0, min(1.0, (v - low) / (high - low)))
+        r, g, b = (int(255 - (255 - c) * abs(2 * x - 1)) for c in ((214, 96, 77) if x >= 0.5 else (67, 147, 195)))
+        shown = "↵\n" if token == "\n" else token
+        spans.append(f'<span title="{v:.3f}" style="background: rgb({r},{g},{b})">{html.escape(shown)}</span>')
+    return (f"<h3>{html.escape(title)}</h3><pre style=\"white-space: pre-wrap; line-height: 1.5\">"
+            + "".join(spans) + "</pre>")
+
+
+def write_passage_report(reading: PassageReading, out_dir: str | Path, max_steps: int = 160) -> Path:
+    """report.html and PNGs for a passage read by a language model: the passage coloured by the probability
+    of each next token and by each unit the cell search found, a plot of those probabilities, and the state
+    and gate heatmaps of the first ``max_steps`` tokens."""
+    import html
+
+    from . import plots
+
+    shown = [("↵" if t == "\n" else t) for t in reading.tokens[:max_steps]]
+    p = reading.p_next.tolist()
+    fig = plots.Figure(figsize=(plots._width(min(len(p), max_steps)), 3.4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(range(1, min(len(p), max_steps - 1) + 1), p[: max_steps - 1], marker="o", markersize=3)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylabel("p(next token)")
+    ax.set_title("probability the model gave to each token before reading it", fontsize=11, loc="left")
+    ax.grid(alpha=0.3)
+    plots._time_axis(ax, len(shown), shown)
+    figures = [("next_token", "p(token t | tokens before it), for each token of the passage.", fig),
+               ("states", "Hidden state h_t of every layer, time × units.",
+                plots.state_heatmaps({k: v["h"][:max_steps] for k, v in reading.states.items()}, shown))]
+    for i, (key, values) in enumerate(reading.states.items()):
+        gates = {name: v[:max_steps] for name, v in values.items() if name != "h"}
+        if gates:
+            units = plots.top_variance_units(values["h"][:max_steps])
+            figures.append((f"gates_{i + 1}", f"Gates (and cell state) of {key}.",
+                            plots.gate_heatmaps(gates, shown, f"{reading.cell.upper()} gates, {key}", units)))
+    for j, c in enumerate(reading.cells):
+        fig = plots.Figure(figsize=(plots._width(min(len(shown), max_steps)), 3.0), layout="constrained")
+        ax = fig.subplots()
+        prop = c["property_values"][:max_steps]
+        ax.plot(c["values"][:max_steps].numpy(), label=f"{c['field']} unit {c['unit']} of {c['layer']}")
+        twin = ax.twinx()
+        twin.fill_between(range(len(prop)), prop.numpy(), step="mid", alpha=0.2, color="orange", label=c["property"])
+        twin.set_ylabel(c["property"])
+        ax.set_title(f"{c['property']}: r = {c['correlation']:.2f}", fontsize=11, loc="left")
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
+        plots._time_axis(ax, len(shown), shown)
+        figures.append((f"cell_{j + 1}", f"The unit most correlated with '{c['property']}' over the passage.", fig))
+    intro = [f"<p>Cell: {html.escape(reading.cell)}; {len(reading.tokens)} tokens; mean p(next token) "
+             f"{float(reading.p_next.mean()):.3f}; loss {float(-reading.p_next.double().log().mean()):.3f} nats/token."
+             "</p>", _coloured_text(reading.tokens[1:], p, 0.0, 1.0, "Each token coloured by the probability the "
+                                    "model gave it (blue: surprising, red: expected)")]
+    if reading.cells:
+        intro.append(plots.html_table(["property", "layer", "state", "unit", "correlation r"],
+                                      [[c["property"], c["layer"], c["field"], c["unit"], c["correlation"]]
+                                       for c in reading.cells]))
+    for c in reading.cells:
+        v = c["values"].tolist()
+        bound = max(1e-6, max(abs(x) for x in v))
+        intro.append(_coloured_text(reading.tokens, v, -bound, bound,
+                                    f"{c['field']} unit {c['unit']} of {c['layer']} (r = {c['correlation']:.2f} "
+                                    f"with {c['property']})"))
+    return plots.write_report(out_dir, "rnnmath: how the language model read the passage", figures, "".join(intro))
+
+
+def run_inspect(args) -> int:
+    """``rnnmath inspect DIR TEXT --out OUT`` on a language model (TEXT may be @FILE: the passage from a file)."""
+    from .data import read_text
+
+    text = read_text(args.text[1:]) if args.text.startswith("@") else args.text
+    reading = read_passage(load_lm(args.model), text)
+    path = write_passage_report(reading, args.out)
+    print(json.dumps({**reading.to_json(), "report": str(path)}, ensure_ascii=False) if args.json else path)
+    return 0

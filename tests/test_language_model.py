@@ -267,3 +267,31 @@ def test_presets_are_the_papers_setups():
     assert (c.hidden, c.layers, c.bptt, c.batch_size, c.lr, c.lr_decay, c.decay_after, c.optimizer, c.embedding) == \
         (128, 2, 50, 50, 0.002, 0.97, 10, "rmsprop", 0)
     assert set(cli.LM_PRESETS) == set(LM_PRESETS)
+
+
+def test_text_properties_and_the_cell_search_find_a_planted_unit():
+    props = lm.text_properties('a "b" (c)\nde')
+    assert props["inside quotes"].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert props["inside parentheses"].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert props["position in line"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    values = torch.randn(12, 5)
+    values[:, 3] = 2 * props["position in line"] + 1  # a unit that counts the position exactly
+    r = lm.correlations(values, props["position in line"])
+    assert int(r.abs().argmax()) == 3 and float(r[3]) == pytest.approx(1.0)
+    assert float(lm.correlations(values, torch.ones(12)).abs().max()) == 0.0  # a constant property
+
+
+def test_inspect_report_of_a_language_model(trained, tmp_path, capsys):
+    passage = 'the cat "sat" (on the mat)\nthe dog\n'
+    code, out, _ = run(capsys, "inspect", str(trained), passage, "--out", str(tmp_path / "r"), "--json")
+    assert code == 0
+    result = json.loads(out)
+    reading = lm.read_passage(lm.load_lm(trained), passage)
+    assert len(result["p_next"]) == len(passage) - 1
+    assert {c["property"] for c in result["cell_search"]} == {"inside quotes", "inside parentheses",
+                                                             "position in line"}
+    # p_next is the model's own probability of each next character (the evaluation loss, token by token)
+    loss = lm.evaluate(lm.load_lm(trained).model, lm.load_lm(trained).vocab.encode(passage)[0])["loss"]
+    assert float(-reading.p_next.double().log().mean()) == pytest.approx(loss, rel=1e-4)
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "inside quotes" in page and (tmp_path / "r" / "cell_1.png").is_file()
