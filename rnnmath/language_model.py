@@ -475,8 +475,10 @@ def train_lm(
 
     W = windows_per_epoch(ids.shape[0], config.batch_size, config.bptt)
     tokens_per_window = config.batch_size * config.bptt
-    bar = tqdm(total=config.epochs * W, initial=state["epoch"] * W + state["window"], disable=not progress,
-               unit="win", dynamic_ncols=True, leave=False)
+    tokens_per_epoch = (ids.shape[0] // config.batch_size - 1) * config.batch_size  # the targets of one epoch
+    done_tokens = state["epoch"] * tokens_per_epoch + state["window"] * tokens_per_window
+    bar = tqdm(total=config.epochs * tokens_per_epoch, initial=done_tokens, disable=not progress, unit="tok",
+               unit_scale=True, dynamic_ncols=True, leave=False)  # its rate is the training speed in tokens/s
 
     def checkpoint_point(reason: str, epoch: int, window: int, train_loss: float) -> None:
         """Evaluate, keep the best weights, write history and checkpoint (the commit point)."""
@@ -511,7 +513,6 @@ def train_lm(
             for w, (x, y) in enumerate(batches):
                 if w < state["window"]:
                     continue  # resumed mid-epoch: these windows are done and the carried state is restored
-                window_start = time.perf_counter()
                 logits, carry = model(x, carry)  # (T, B, V)
                 carry = detach(carry)
                 loss = F.cross_entropy(logits.reshape(-1, len(vocab)), y.reshape(-1))  # nats per token
@@ -528,10 +529,8 @@ def train_lm(
                 state["loss_sum"] += loss.item() * y.numel()
                 state["tokens"] += y.numel()
                 state["window"] = w + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}",
-                                tok_s=f"{y.numel() / max(time.perf_counter() - window_start, 1e-9):.0f}",
-                                refresh=False)
+                bar.update(y.numel())
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 over_time = time_limit is not None and time.perf_counter() - started > 60 * time_limit
                 if ctrl_c.requested:
                     save_checkpoint(out, model, optimizer, carry, state)

@@ -132,7 +132,7 @@ def test_training_carries_the_detached_state_across_windows_and_resets_it_each_e
 
 def test_a_tiny_model_learns_the_text_well_below_its_unigram_entropy(tmp_path):
     split = len(TEXT) * 9 // 10
-    history = lm.train_lm(TINY, TEXT[:split], TEXT[split:], tmp_path / "m")
+    history = lm.train_lm(TINY, TEXT[:split], TEXT[split:], tmp_path / "m", progress=True)  # the bar too
     entropy = unigram_entropy(TEXT[:split])  # about 2.8 nats
     assert history["best_val_loss"] < 0.5 * entropy, (history["best_val_loss"], entropy)
     metrics = lm.load_lm(tmp_path / "m").evaluate_text(TEXT[split:])
