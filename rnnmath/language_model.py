@@ -52,6 +52,7 @@ from .model import (
     CHECKPOINT,
     CONFIG,
     HISTORY,
+    MAX_PARAMETERS,
     VOCAB,
     WEIGHTS,
     load_weights,
@@ -452,6 +453,11 @@ def train_lm(
     val_ids, val_unknown = vocab.encode(val_text) if val_text is not None else (None, 0)
     if val_ids is not None and val_ids.shape[0] < 2:
         raise UserError(f"{val_name}: holds {val_ids.shape[0]} token(s); at least 2 are needed to predict one")
+    with torch.device("meta"):  # counts without allocating: a clear error instead of running out of memory
+        count = sum(p.numel() for p in LanguageModel.from_config(config, len(vocab)).parameters())
+    if count > MAX_PARAMETERS:
+        raise UserError(f"the model would have {count:,} parameters, more than the {MAX_PARAMETERS:,} allowed; "
+                        "lower --hidden, --layers, --embedding or --max-vocab")
     if not (resume and (out / CHECKPOINT).exists()):
         save_description(out, config, vocab)
     for litter in [*out.glob(".*.json.*.tmp"), *out.glob(".*.safetensors.*.tmp")]:

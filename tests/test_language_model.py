@@ -295,3 +295,24 @@ def test_inspect_report_of_a_language_model(trained, tmp_path, capsys):
     assert float(-reading.p_next.double().log().mean()) == pytest.approx(loss, rel=1e-4)
     page = (tmp_path / "r" / "report.html").read_text()
     assert "inside quotes" in page and (tmp_path / "r" / "cell_1.png").is_file()
+
+
+def test_a_model_too_large_is_refused_before_anything_is_allocated(files, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--task", "lm", "--data", str(files["train"]), "--out", str(tmp_path / "m"),
+                       *TINY_FLAGS, "--hidden", "60000", "--layers", "8")
+    assert code == 2 and "parameters, more than the" in err
+
+
+def test_word_level_through_the_cli(files, tmp_path, capsys):
+    out = tmp_path / "w"
+    code, _, err = run(capsys, "train", "--task", "lm", "--level", "word", "--data", str(files["train"]), "--out",
+                       str(out), "--quiet", "--hidden", "16", "--embedding", "16", "--tie-weights", "--bptt", "5",
+                       "--batch-size", "4", "--epochs", "2", "--optimizer", "adam", "--lr", "0.01")
+    assert code == 0, err
+    test = tmp_path / "test.txt"
+    test.write_text("the cat sat on the zebra\n")
+    code, out_text, _ = run(capsys, "evaluate", str(out), "--data", str(test), "--json")
+    metrics = json.loads(out_text)
+    assert code == 0 and metrics["unknown"] == 1 and metrics["tokens"] == 6 and "bits_per_char" not in metrics
+    code, text, _ = run(capsys, "generate", str(out), "--prompt", "the cat", "--length", "12", "--seed", "2")
+    assert code == 0 and text.startswith("the cat ") and len(text.split()) >= 2
