@@ -338,13 +338,28 @@ def load_lm(directory: str | Path) -> TrainedLM:
     if not path.is_file():
         raise UserError(f"{path} is missing: training has not reached its first evaluation in {directory}")
     tensors, _ = read_safetensors(path, "weights")
-    load_weights(model, tensors, path)
+    load_weights(model, untie(model, tensors), path)
     model.eval()
     return TrainedLM(config, vocab, model)
 
 
+def weight_tensors(model: LanguageModel) -> dict[str, Tensor]:
+    """The state dict as safetensors can hold it: a tied decoder weight is the embedding's, stored once."""
+    tensors = model.state_dict()
+    if model.tie_weights:
+        del tensors["decoder.weight"]
+    return tensors
+
+
+def untie(model: LanguageModel, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`weight_tensors`, for ``load_weights``."""
+    if model.tie_weights and "embedding.weight" in tensors:
+        tensors = {**tensors, "decoder.weight": tensors["embedding.weight"]}
+    return tensors
+
+
 def save_weights(directory: Path, model: LanguageModel) -> None:
-    write_safetensors(directory / WEIGHTS, "weights", model.state_dict())
+    write_safetensors(directory / WEIGHTS, "weights", weight_tensors(model))
 
 
 def save_checkpoint(directory: Path, model: LanguageModel, optimizer: torch.optim.Optimizer, carry, state: dict
@@ -352,7 +367,7 @@ def save_checkpoint(directory: Path, model: LanguageModel, optimizer: torch.opti
     """Weights, the optimizer's state tensors, torch's RNG state and the carried recurrent state as tensors;
     the loop's scalars and the optimizer's hyper-parameters as JSON metadata. Nothing is pickled."""
     saved = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in weight_tensors(model).items()}
     for i, values in saved["state"].items():
         for name, value in values.items():
             tensors[f"optim.{i}.{name}"] = value if isinstance(value, Tensor) else torch.tensor(value)
@@ -369,7 +384,7 @@ def load_checkpoint(directory: Path, model: LanguageModel, optimizer: torch.opti
     path = directory / CHECKPOINT
     tensors, document = read_safetensors(path, "lm-checkpoint")
     try:
-        load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+        load_weights(model, untie(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}), path)
         optim_state: dict[int, dict[str, Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 import rnnmath
 from rnnmath import cli
@@ -309,6 +310,10 @@ def test_word_level_through_the_cli(files, tmp_path, capsys):
                        str(out), "--quiet", "--hidden", "16", "--embedding", "16", "--tie-weights", "--bptt", "5",
                        "--batch-size", "4", "--epochs", "2", "--optimizer", "adam", "--lr", "0.01")
     assert code == 0, err
+    loaded = lm.load_lm(out).model
+    assert loaded.decoder.weight is loaded.embedding.weight  # tied, and stored once
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert "decoder.weight" not in f.keys() and "embedding.weight" in f.keys()  # noqa: SIM118
     test = tmp_path / "test.txt"
     test.write_text("the cat sat on the zebra\n")
     code, out_text, _ = run(capsys, "evaluate", str(out), "--data", str(test), "--json")
