@@ -600,11 +600,23 @@ def _read_timing(out: Path) -> list[dict]:
 
 
 # -- the command line: `rnnmath train --task lm`, `evaluate`, `generate` on a language model (rnnmath.cli) ----
+def read_text(path: str) -> str:
+    """A UTF-8 text file (rnnmath.data.read_text: a UserError naming the file if it is missing, binary or not
+    UTF-8); notes the reader has for the user go to standard error."""
+    import sys
+
+    from . import data
+
+    result = data.read_text(path)
+    text, notes = result if isinstance(result, tuple) else (result, [])  # newer readers also return notes
+    for note in notes:
+        print(f"rnnmath: {note}", file=sys.stderr)
+    return text
+
+
 def run_train(args, given: dict) -> int:
     """``rnnmath train --task lm``: ``given`` holds the LMConfig fields the user set as flags."""
     import sys
-
-    from .data import read_text
 
     out = Path(args.out)
     preset = args.preset if args.preset in LM_PRESETS else "char-rnn"
@@ -657,8 +669,6 @@ def format_metrics(metrics: dict, source: str) -> str:
 
 def run_evaluate(args) -> int:
     """``rnnmath evaluate DIR --data FILE`` on a language model."""
-    from .data import read_text
-
     trained = load_lm(args.model)
     text = read_corpus(read_text(args.data), args.data)
     metrics = trained.evaluate_text(text, args.data)
@@ -855,8 +865,6 @@ def write_passage_report(reading: PassageReading, out_dir: str | Path, max_steps
 
 def run_inspect(args) -> int:
     """``rnnmath inspect DIR TEXT --out OUT`` on a language model (TEXT may be @FILE: the passage from a file)."""
-    from .data import read_text
-
     text = read_text(args.text[1:]) if args.text.startswith("@") else args.text
     reading = read_passage(load_lm(args.model), text)
     path = write_passage_report(reading, args.out)
