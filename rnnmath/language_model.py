@@ -53,6 +53,7 @@ from .model import (
     CONFIG,
     HISTORY,
     MAX_PARAMETERS,
+    RUN_FILES,
     VOCAB,
     WEIGHTS,
     load_weights,
@@ -431,6 +432,7 @@ def train_lm(
     log: Callable[[str], None] | None = None,
     time_limit: float | None = None,
     sources: tuple[str, str] = ("the training text", "the validation text"),
+    overwrite: bool = False,
 ) -> dict:
     """Train a language model on ``train_text`` with truncated BPTT and write the model directory ``out``
     (see the module docstring); return its history.
@@ -441,7 +443,9 @@ def train_lm(
     of the best validation loss are kept. ``time_limit`` (minutes of this call's wall time): after the window
     that passes it, evaluate, save and stop; ``resume`` continues from the checkpoint. Ctrl-C saves a
     checkpoint and raises :class:`rnnmath.train.Interrupted`; resumed after it, the files are byte-identical
-    to those of an uninterrupted run (a --time-limit stop adds one evaluation to the history).
+    to those of an uninterrupted run (a --time-limit stop adds one evaluation to the history). With
+    ``overwrite`` a run already in ``out`` is replaced: its files (``model.RUN_FILES`` and timing.json) are
+    removed once the new run has passed its checks.
 
     Raises UserError for an empty text, one shorter than B streams of one window, or a non-finite loss.
     """
@@ -456,8 +460,9 @@ def train_lm(
     else:
         if resume and not (out / CONFIG).exists():
             raise UserError(f"--resume: {out} holds no run to resume; train without --resume first")
-        if not resume and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
-            raise UserError(f"--out {out} already holds a model; pass --resume to continue it, or another --out")
+        if not resume and not overwrite and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
+            raise UserError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
+                            "replace it, or another --out")
         vocab = TokenVocabulary.build(train_text, config.level, config.max_vocab)
     ids, _ = vocab.encode(train_text)  # (N,)
     need = config.batch_size * (config.bptt + 1)
@@ -474,6 +479,9 @@ def train_lm(
         raise UserError(f"the model would have {count:,} parameters, more than the {MAX_PARAMETERS:,} allowed; "
                         "lower --hidden, --layers, --embedding or --max-vocab")
     if not (resume and (out / CHECKPOINT).exists()):
+        if overwrite:  # only now: a mistake caught above leaves the old run whole
+            for name in (*RUN_FILES, TIMING):
+                (out / name).unlink(missing_ok=True)
         save_description(out, config, vocab)
     for litter in [*out.glob(".*.json.*.tmp"), *out.glob(".*.safetensors.*.tmp")]:
         litter.unlink(missing_ok=True)
@@ -636,7 +644,8 @@ def run_train(args, given: dict) -> int:
     log = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr))
     progress = not (args.quiet or args.json) and sys.stderr.isatty()
     history = train_lm(config, train_text, val_text, out, resume=args.resume, progress=progress, log=log,
-                       time_limit=args.time_limit, sources=(args.data, args.val or ""))
+                       time_limit=args.time_limit, sources=(args.data, args.val or ""),
+                       overwrite=getattr(args, "overwrite", False))
     result = {"model": str(out), **history}
     if test_text is not None and history["done"]:
         result["test"] = load_lm(out).evaluate_text(test_text, args.test)
