@@ -321,3 +321,18 @@ def test_word_level_through_the_cli(files, tmp_path, capsys):
     assert code == 0 and metrics["unknown"] == 1 and metrics["tokens"] == 6 and "bits_per_char" not in metrics
     code, text, _ = run(capsys, "generate", str(out), "--prompt", "the cat", "--length", "12", "--seed", "2")
     assert code == 0 and text.startswith("the cat ") and len(text.split()) >= 2
+
+
+def test_an_existing_run_is_kept_unless_overwrite_and_split_is_refused(trained, files, tmp_path, capsys):
+    out = tmp_path / "m"
+    argv = ["train", "--task", "lm", "--data", str(files["train"]), "--out", str(out), "--quiet", *TINY_FLAGS,
+            "--epochs", "1"]
+    assert run(capsys, *argv)[0] == 0
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "already holds a run" in err
+    (out / "timing.json").write_text("{}")
+    assert run(capsys, *argv, "--overwrite", "--seed", "5")[0] == 0
+    assert json.loads((out / "config.json").read_text())["config"]["seed"] == 5
+    assert "evaluations" in json.loads((out / "timing.json").read_text())
+    code, _, err = run(capsys, "evaluate", str(trained), "--split", "test")
+    assert code == 2 and "evaluated on --data FILE" in err
