@@ -82,6 +82,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict]:
     return dataclasses.replace(PRESETS[args.preset], **given).validate(), given
 
 
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
+                        help="where the model runs: cpu, cuda (cuda:N), or auto = cuda when a GPU is seen "
+                             "(default: cpu)")
+
+
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading data files")
     group.add_argument("--format", choices=datamod.FORMATS, default="auto",
@@ -119,6 +125,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--workers", type=_number(int, 1, 4096), default=1, metavar="N",
                    help="train with N local processes (data-parallel, through torch.distributed's launcher, "
                         "as torchrun --nproc_per_node=N does); --batch-size is per process (default: 1)")
+    add_device_flag(p)
     add_config_flags(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_train)
@@ -158,12 +165,12 @@ def train_command(args: argparse.Namespace) -> int:
 
     log = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr))
     progress = not (args.quiet or args.json) and sys.stderr.isatty()
-    history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log)
+    history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log, device=args.device)
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
     result = {"model": str(out), "train": len(train_set), "val": len(val), **history}
     if len(test):
-        trained = load_model(out)
+        trained = load_model(out, args.device)
         predicted = trained.predict(test.texts).argmax(1)
         result["test"] = classification_metrics(label_indices(test, trained.labels).tolist(), predicted.tolist(),
                                                 trained.labels)
@@ -187,12 +194,13 @@ def add_evaluate_parser(subparsers) -> None:
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
     p.add_argument("--data", required=True, metavar="FILE", help="labelled sentences")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, macro_f1, n, ...)")
+    add_device_flag(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    trained = load_model(args.model)
+    trained = load_model(args.model, args.device)
     examples = read_data(args, args.data)
     y = label_indices(examples, trained.labels)
     predicted = trained.predict(examples.texts).argmax(1)
@@ -228,11 +236,12 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: lines of standard input)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: text, label, probabilities (label -> probability)")
+    add_device_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    trained = load_model(args.model)
+    trained = load_model(args.model, args.device)
     texts = args.texts if args.texts else read_stdin_lines()
     probabilities = trained.predict(texts)
     for text, p in zip(texts, probabilities.tolist()):
@@ -464,9 +473,76 @@ def cmd_flow(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve and export (rnnmath/serve.py, rnnmath/export.py, docs/serving.md) ---------------------------------
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="answer predictions over HTTP (POST /predict, GET /health, GET /info)",
+                              description="Serve a trained model over HTTP until SIGTERM or Ctrl-C, which finish "
+                              "the requests in flight and exit with 0. Concurrent requests are joined into one "
+                              "forward pass of up to --max-batch texts, waiting at most --max-delay-ms for "
+                              "company. Needs the 'serve' extra: pip install 'rnnmath[serve]'. See docs/serving.md.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="TCP port; 0 picks a free one, "
+                   "printed at start (default: 8000)")
+    p.add_argument("--max-batch", type=_number(int, 1, 1_000_000), default=64, metavar="N",
+                   help="most texts in one forward pass; 1 turns batching off (default: 64)")
+    p.add_argument("--max-delay-ms", type=_number(float, 0, 60_000), default=5.0, metavar="MS",
+                   help="longest a request waits for others to join its forward pass (default: 5)")
+    p.add_argument("--max-texts", type=_number(int, 1, 10_000_000), default=1000, metavar="N",
+                   help="most texts in one request; more get 413 (default: 1000)")
+    p.add_argument("--max-body-bytes", type=_number(int, 1, 2**40), default=1 << 20, metavar="N",
+                   help="largest request body; larger get 413 (default: 1048576)")
+    add_device_flag(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from . import serve
+    except ImportError as e:
+        raise UserError(f"rnnmath serve needs the 'serve' extra ({e.name} is not installed): "
+                        "pip install 'rnnmath[serve]'") from None
+    service = serve.ClassifierService(args.model, args.max_batch, args.max_delay_ms / 1000, args.device)
+    limits = serve.Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts)
+
+    def announce(url: str) -> None:
+        print(f"rnnmath: serving {args.model} on {url} (POST /predict, GET /health, GET /info); Ctrl-C or SIGTERM "
+              "stops", file=sys.stderr, flush=True)
+
+    serve.serve(service, args.host, args.port, limits, announce=announce)
+    print("rnnmath: server stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def add_export_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write the model as ONNX, to run outside Python",
+                              description="Write a trained classifier as an ONNX graph: inputs ids int64 (B, T) "
+                              "and lengths int64 (B,), output probabilities float32 (B, C), batch and time axes "
+                              "dynamic; the vocabulary and labels go beside it (OUT.vocab.json, OUT.labels.json). "
+                              "The graph is checked with onnxruntime against the model before the command ends. "
+                              "Needs the 'export' extra: pip install 'rnnmath[export]'. See docs/serving.md.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from . import export
+    except ImportError as e:
+        raise UserError(f"rnnmath export needs the 'export' extra ({e.name} is not installed): "
+                        "pip install 'rnnmath[export]'") from None
+    result = export.export_onnx(args.model, args.out)
+    print(f"wrote {result.onnx} with {result.vocab} and {result.labels}; onnxruntime agrees with the model "
+          f"within {result.max_difference:.1e} on {result.checked}")
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser,
-               add_bench_parser, add_inspect_parser, add_flow_parser]
+               add_bench_parser, add_inspect_parser, add_flow_parser, add_serve_parser, add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

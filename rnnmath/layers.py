@@ -280,6 +280,10 @@ class Recurrent(nn.Module):
             regularise.update(h_mask=h_mask)
         if self.zoneout:
             regularise.update(zoneout=self.zoneout, training=self.training)
+        if torch.compiler.is_exporting():  # torch.export / ONNX: one scan operator, time axis kept symbolic
+            from . import scan_op
+
+            return scan_op.scan(cell, p, xw, state, mask, **regularise)
         if self._trace is not None:
             cell._recorder = self._trace.recorder(k, d)
             try:
