@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -67,12 +68,20 @@ def sidecar_paths(out: Path) -> tuple[Path, Path]:
 
 
 def export_program(module: nn.Module, args: tuple, dynamic_shapes, input_names, output_names):
-    """``torch.onnx.export`` through torch.export (dynamo=True), quietly: its progress lines and its warnings
-    about torch.export internals are not the user's business. Returns the ONNXProgram."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        return torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
-                                 output_names=output_names, verbose=False)
+    """``torch.onnx.export`` through torch.export (dynamo=True), under ``torch.no_grad()`` (an inference graph:
+    with gradients on, torch's scan operator also traces a backward, which fails for ops such as the
+    LayerNorm-LSTM's var), quietly: its progress lines and warnings are not the user's business. Returns the
+    ONNXProgram."""
+    logger = logging.getLogger("torch.onnx")  # "torchvision is not installed. Skipping torchvision::nms", ...
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                     input_names=input_names, output_names=output_names, verbose=False)
+    finally:
+        logger.setLevel(level)
 
 
 def export_onnx(directory: str | Path, out: str | Path, check: bool = True) -> Exported:

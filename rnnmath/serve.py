@@ -32,6 +32,7 @@ model adds ``POST /generate`` the same way, with its own service.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import signal
@@ -302,6 +303,7 @@ def build_app(service: Service, limits: Limits = Limits()) -> Starlette:
               f"{exc}", file=sys.stderr, flush=True)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         for b in service.batchers:
             b.start()
