@@ -7,8 +7,6 @@ Oracle: the PyTorch module the graph was exported from (and, for the classifier,
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -133,10 +131,6 @@ def test_export_leaves_the_eager_paths_alone():
 
 
 # -- rnnmath export ----------------------------------------------------------------------------------------
-def rnnmath_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "rnnmath", *args], capture_output=True, text=True, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from rnnmath.data import make_order_task, stratified_split
@@ -151,19 +145,19 @@ def model_dir(tmp_path_factory):
     return out
 
 
-def test_rnnmath_export_equals_predict(model_dir, tmp_path):
+def test_rnnmath_export_equals_predict(model_dir, tmp_path, capsys):
+    from rnnmath.cli import main
+
     out = tmp_path / "model.onnx"
-    done = rnnmath_cli("export", str(model_dir), "--format", "onnx", "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    assert "onnxruntime agrees" in done.stdout
+    assert main(["export", str(model_dir), "--format", "onnx", "--out", str(out)]) == 0
+    assert "onnxruntime agrees" in capsys.readouterr().out
     vocab = json.loads((tmp_path / "model.vocab.json").read_text())
     labels = json.loads((tmp_path / "model.labels.json").read_text())["labels"]
     assert vocab["pad_id"] == 0 and vocab["unk_id"] == 1 and vocab["first_word_id"] == 2
     texts = ["the food was good but slow", "", "not bad at all, really", "zzz unknown words only",
              "the service was slow " * 5, "good"]
-    predicted = rnnmath_cli("predict", str(model_dir), "--json", *texts)
-    assert predicted.returncode == 0, predicted.stderr
-    expected = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert main(["predict", str(model_dir), "--json", *texts]) == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
     # tokenise as a program outside rnnmath would: the vocabulary file, the tokenizer, max_len, padding
     from rnnmath.data import tokenize
@@ -184,8 +178,13 @@ def test_rnnmath_export_equals_predict(model_dir, tmp_path):
                 assert abs(probabilities[r, c] - expected[i]["probabilities"][label]) <= 1e-5
 
 
-def test_export_errors_are_one_line(tmp_path):
-    done = rnnmath_cli("export", str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx"))
-    assert done.returncode == 2 and done.stderr.startswith("rnnmath: error:") and "Traceback" not in done.stderr
-    done = rnnmath_cli("export", str(tmp_path), "--format", "tflite", "--out", str(tmp_path / "m.onnx"))
-    assert done.returncode == 2 and "--format" in done.stderr
+def test_export_errors_are_one_line(model_dir, tmp_path, capsys):
+    from rnnmath.cli import main
+
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err.startswith("rnnmath: error:")
+    assert main(["export", str(model_dir), "--out", str(tmp_path / "no" / "m.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(model_dir), "--format", "tflite", "--out", str(tmp_path / "m.onnx")])
+    assert exit_.value.code == 2 and "--format" in capsys.readouterr().err
