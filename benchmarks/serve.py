@@ -29,12 +29,9 @@ import time
 from pathlib import Path
 
 
-def start_server(model: str, flags: list[str], threads: int | None) -> tuple[subprocess.Popen, int]:
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    process = subprocess.Popen([sys.executable, "-m", "rnnmath", "serve", model, "--port", "0", *flags],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+def start_server(model: str, flags: list[str], threads: int) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen([sys.executable, "-m", "rnnmath", "serve", model, "--port", "0", "--threads",
+                                str(threads), *flags], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in process.stderr:
         if "serving" in line:
             return process, int(line.split("http://127.0.0.1:")[1].split()[0])
@@ -98,10 +95,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-def predict_baseline(model: str, texts: list[str], calls: int, threads: int | None) -> dict:
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+def predict_baseline(model: str, texts: list[str], calls: int, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     latencies = []
     for i in range(calls):
         t0 = time.perf_counter()
@@ -120,7 +115,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="answers per run at most (default 2000)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per run at most (default 20)")
     parser.add_argument("--predict-calls", type=int, default=5, help="rnnmath predict processes (default 5)")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="serve --threads, and OMP_NUM_THREADS of predict (default 1)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = parser.parse_args()
 
@@ -145,7 +141,7 @@ def main() -> int:
     rows.append({"setting": "one `rnnmath predict` process per request", **predict_baseline(
         args.model, texts, args.predict_calls, args.threads)})
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "server_threads": args.threads or "torch default", "load_average_before": load_before,
+               "server_threads": args.threads, "load_average_before": load_before,
                "load_average_after": os.getloadavg(), "model": str(Path(args.model))}
     if args.json:
         print(json.dumps({"machine": machine, "rows": rows}))

@@ -493,6 +493,8 @@ def add_serve_parser(subparsers) -> None:
                    help="most texts in one request; more get 413 (default: 1000)")
     p.add_argument("--max-body-bytes", type=_number(int, 1, 2**40), default=1 << 20, metavar="N",
                    help="largest request body; larger get 413 (default: 1048576)")
+    p.add_argument("--threads", type=_number(int, 1, 4096), default=1, metavar="N",
+                   help="torch's intra-op threads for the forward passes (default: 1; see docs/serving.md)")
     add_device_flag(p)
     p.set_defaults(func=cmd_serve)
 
@@ -503,6 +505,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UserError(f"rnnmath serve needs the 'serve' extra ({e.name} is not installed): "
                         "pip install 'rnnmath[serve]'") from None
+    import torch
+
+    # measured (docs/serving.md): with 2 threads on a busy machine OpenMP stalls made batched passes ~30x
+    # slower; small passes gain little from intra-op threads anyway
+    torch.set_num_threads(args.threads)
     service = serve.ClassifierService(args.model, args.max_batch, args.max_delay_ms / 1000, args.device)
     limits = serve.Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts)
 

@@ -111,8 +111,9 @@ def test_health_and_info(server, model_dir):
 
 
 def test_predictions_are_predicts_numbers(server, model_dir):
-    """One request alone is one forward pass over the same texts as predict's: the same JSON numbers."""
-    done = rnnmath_cli("predict", str(model_dir), "--json", *TEXTS)
+    """One request alone is one forward pass over the same texts as predict's: the same JSON numbers (at the
+    same thread count: the server's default 1)."""
+    done = rnnmath_cli("predict", str(model_dir), "--json", *TEXTS, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     expected = [json.loads(line) for line in done.stdout.splitlines()]
     status, answer = server.predict(TEXTS)
