@@ -37,7 +37,6 @@ import dataclasses
 import json
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -48,7 +47,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -79,11 +78,14 @@ async def read_json_body(request: Request, limits: Limits) -> Any:
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise BadRequest(413, f"the body has {int(declared)} bytes, more than the {limits.max_body_bytes} allowed")
     chunks, size = [], 0
-    async for chunk in request.stream():  # also bounds a chunked body, which declares no length
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise BadRequest(413, f"the body has more than the {limits.max_body_bytes} bytes allowed")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # also bounds a chunked body, which declares no length
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise BadRequest(413, f"the body has more than the {limits.max_body_bytes} bytes allowed")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer; not the server's fault
+        raise BadRequest(400, "the client closed the connection before sending the whole body") from None
     body = b"".join(chunks)
     try:
         return json.loads(body.decode("utf-8"))
@@ -299,8 +301,7 @@ def build_app(service: Service, limits: Limits = Limits()) -> Starlette:
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        print(f"rnnmath: internal error answering {request.method} {request.url.path}: {type(exc).__name__}: "
-              f"{exc}", file=sys.stderr, flush=True)
+        # a bug: the client gets one JSON object, the server's log the traceback (uvicorn logs it)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
     @contextlib.asynccontextmanager

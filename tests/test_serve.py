@@ -258,7 +258,7 @@ def test_batcher_without_batching_and_with_oversized_requests():
     results, calls = run_batcher(1, 0.5, [[1], [2, 3], [4]])
     assert results == [[1], [4, 9], [16]] and calls == [[1], [2, 3], [4]]  # a larger request goes alone
     results, calls = run_batcher(3, 0.0, [[1], [], [2]])
-    assert results == [[1], [], [4]]
+    assert results == [[1], [], [4]] and calls == [[1, 2]]  # no waiting, but what is queued goes together
 
 
 def test_batcher_reports_a_failure_to_every_waiting_request():
