@@ -266,6 +266,37 @@ def test_batcher_reports_a_failure_to_every_waiting_request():
     assert all(isinstance(r, RuntimeError) for r in results)
 
 
+def test_a_bug_answers_500_json_without_traceback():
+    """A fault of the server itself: status 500 and {"error": ...}, no traceback in the answer."""
+    from starlette.routing import Route
+
+    from rnnmath.serve import Service, build_app
+
+    class Broken(Service):
+        def routes(self, limits):
+            async def predict(request):
+                raise RuntimeError("secret internals")
+
+            return [Route("/predict", predict, methods=["POST"])]
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "", "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    with pytest.raises(RuntimeError):  # Starlette re-raises after answering, for the server to log
+        asyncio.run(build_app(Broken())(scope, receive, send))
+    assert sent[0]["status"] == 500
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    assert json.loads(body) == {"error": "internal error: RuntimeError"}
+
+
 # -- --device ----------------------------------------------------------------------------------------------
 def test_device_choice():
     from rnnmath.errors import UserError
