@@ -164,6 +164,11 @@ class Batcher:
                 pass
         self._executor.shutdown(wait=True)
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for a forward pass (not counting the pass that runs)."""
+        return self._queued
+
     async def submit(self, items: list) -> list:
         if not items:
             return []
@@ -287,7 +292,7 @@ def build_app(service: Service, limits: Limits = Limits()) -> Starlette:
         from . import __version__
 
         batching = [{"max_batch": b.max_batch, "max_delay_ms": b.max_delay * 1000, "forward_passes": b.passes,
-                     "items": b.items} for b in service.batchers]
+                     "items": b.items, "queued": b.queued} for b in service.batchers]
         return JSONResponse({"task": service.task, **service.info(), "rnnmath": __version__,
                              "limits": dataclasses.asdict(limits), "batching": batching,
                              "uptime_s": time.time() - started})

@@ -195,11 +195,14 @@ def test_wrong_paths_methods_and_chunked_oversized_bodies(server):
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(model_dir):
-    server = Server(model_dir, "--max-delay-ms", "1500")
+    server = Server(model_dir, "--max-delay-ms", "3000")
     answer: list = []
     client = threading.Thread(target=lambda: answer.append(server.predict(TEXTS[:3])))
     client.start()
-    time.sleep(0.5)  # the request now waits in the batcher for company
+    deadline = time.monotonic() + 60
+    while server.request("GET", "/info")[1]["batching"][0]["queued"] == 0:  # until it waits for company
+        assert time.monotonic() < deadline and client.is_alive()
+        time.sleep(0.05)
     server.process.send_signal(signal.SIGTERM)
     client.join(timeout=60)
     assert server.process.wait(timeout=60) == 0
