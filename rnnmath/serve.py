@@ -193,8 +193,9 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             batch = [self._queue.popleft()]  # the oldest always goes, even when larger than max_batch
-            while self._queue and len(batch[0].items) + sum(len(w.items) for w in batch[1:]) \
-                    + len(self._queue[0].items) <= self.max_batch:
+            size = len(batch[0].items)
+            while self._queue and size + len(self._queue[0].items) <= self.max_batch:  # then in arrival order
+                size += len(self._queue[0].items)
                 batch.append(self._queue.popleft())
             items = [item for w in batch for item in w.items]
             self._queued -= len(items)
