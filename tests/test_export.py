@@ -78,7 +78,8 @@ def test_every_cell_exports():
 
 
 def test_exported_layer_without_lengths_equals_torch_nn():
-    """No lengths, batch_first: the graph equals torch.nn.GRU given the same weights."""
+    """No lengths, batch_first: the graph equals torch.nn.GRU given the same weights; afterwards the layer's
+    own eager paths are unchanged."""
     torch.manual_seed(2)
     ours = rnnmath.GRU(3, 6, batch_first=True).eval()
     theirs = nn.GRU(3, 6, batch_first=True).eval()
@@ -92,6 +93,11 @@ def test_exported_layer_without_lengths_equals_torch_nn():
             expected_output, expected_h_n = theirs(x)
         assert abs(torch.from_numpy(output) - expected_output).max() <= 1e-5
         assert abs(torch.from_numpy(h_n) - expected_h_n).max() <= 1e-5
+    # the export left the eager paths alone: fast path and readable loop still equal torch.nn
+    x = torch.randn(2, 7, 3)
+    for fast in (True, False):
+        ours.fast = fast
+        torch.testing.assert_close(ours(x)[0], theirs(x)[0])
 
 
 def test_cells_export_with_dynamic_batch():
@@ -115,19 +121,6 @@ def test_cells_export_with_dynamic_batch():
             expected = cells(x, h)
         for g, e in zip(run_onnx(program, {"x": x, "h": h}), expected):
             assert abs(torch.from_numpy(g) - e).max() <= 1e-5
-
-
-def test_export_leaves_the_eager_paths_alone():
-    """After an export the same layer still runs its fast path and the readable loop, equal to torch.nn."""
-    torch.manual_seed(4)
-    ours, theirs = rnnmath.LSTM(3, 4), nn.LSTM(3, 4)
-    theirs.load_state_dict(ours.state_dict())
-    export_program(ours.eval(), (torch.randn(5, 2, 3),), ({0: torch.export.Dim("T"), 1: torch.export.Dim("B")},),
-                   ["x"], None)
-    x = torch.randn(7, 2, 3)
-    for fast in (True, False):
-        ours.fast = fast
-        torch.testing.assert_close(ours(x)[0], theirs(x)[0])
 
 
 # -- rnnmath export ----------------------------------------------------------------------------------------
