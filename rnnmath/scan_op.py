@@ -19,6 +19,8 @@ The layer selects this path itself while it is being exported (``torch.compiler.
 gives a graph for any T and B. Anything any cell's ``step`` does is captured (every cell of rnnmath.CELLS),
 and so are lengths (the same ``torch.where`` carry as the readable loop) and zoneout in evaluation.
 Not captured: tracing (nothing records inside a graph) and the random masks of training-mode regularisers.
+Export under ``torch.no_grad()``: with gradients on, the operator also traces a backward, which failed for
+the LayerNorm-LSTM (its variance has no derivative rule at the level the operator traces it).
 """
 
 from __future__ import annotations
