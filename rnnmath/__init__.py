@@ -1,10 +1,34 @@
-"""rnnmath: recurrent neural networks written as readable tensor math, numerically identical to torch.nn."""
+"""rnnmath: recurrent neural networks written as readable tensor math, numerically identical to torch.nn.
 
-from .cells import CELLS, Cell, GRUCell, HiddenState, LSTMCell, LSTMState, RNNCell
-from .layers import GRU, LSTM, RNN, Recurrent, Trace, trace
+The names below are imported on first use (PEP 562), so that ``import rnnmath.cli`` does not import torch
+and ``rnnmath --help`` starts fast; ``from rnnmath import LSTM`` works as usual.
+"""
 
-__all__ = [
-    "CELLS", "Cell", "GRU", "GRUCell", "HiddenState", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "Trace", "trace",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_LAZY = {
+    "CELLS": "cells", "Cell": "cells", "GRUCell": "cells", "HiddenState": "cells", "LSTMCell": "cells",
+    "LSTMState": "cells", "RNNCell": "cells",
+    "GRU": "layers", "LSTM": "layers", "RNN": "layers", "Recurrent": "layers", "Trace": "layers", "trace": "layers",
+}
+__all__ = sorted(_LAZY)
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .cells import CELLS, Cell, GRUCell, HiddenState, LSTMCell, LSTMState, RNNCell  # noqa: F401
+    from .layers import GRU, LSTM, RNN, Recurrent, Trace, trace  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

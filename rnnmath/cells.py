@@ -19,7 +19,10 @@ attribute test unless the layer is being traced.
 
 Optionally, ``fast_scan(p, xw, state, mask) -> (outputs, last state)`` runs a whole sequence at once (held equal
 to the loop of ``step`` by the tests); set ``fast_scan_composable = True`` when it is plain differentiable torch
-code, so that it also runs under torch.compile and torch.func. docs/cells.md walks through an example.
+code, so that it also runs under torch.compile and torch.func. A fast_scan that is an autograd.Function
+(rnnmath.fused) differentiates the readable loop for a double backward; with ``fast_scan_recomputes_input``
+it takes ``xw_again``, a function the layer gives it to recompute xw then. docs/cells.md walks through an
+example.
 
 Used alone, a cell owns its parameters and is called like ``torch.nn.RNNCell/LSTMCell/GRUCell``. Inside a
 layer (:class:`rnnmath.Recurrent`) the layer owns the parameters under torch.nn's flat names
@@ -47,12 +50,17 @@ class LSTMState(NamedTuple):
     c: Tensor  # (B, H)
 
 
+TOKEN_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def check_token_ids(ids: Tensor, vocab_size: int) -> None:
     """Raise a clear error for token ids outside [0, vocab_size)."""
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if ids.dtype not in TOKEN_ID_DTYPES:
         raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
-    # reading values is a graph break under torch.compile(fullgraph=True): compiled graphs trust the ids
-    if ids.numel() and not torch.compiler.is_compiling() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    # reading values is a graph break under torch.compile(fullgraph=True) and impossible under torch.func
+    # transforms (vmap): there the ids are trusted
+    if (ids.numel() and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size)):
         raise ValueError(
             f"token ids must lie in [0, {vocab_size}) (input_size is the vocabulary size), "
             f"got values from {int(ids.min())} to {int(ids.max())}"
@@ -68,11 +76,23 @@ class Cell(nn.Module):
     # True when fast_scan is plain differentiable torch operations, so that it may also run under
     # torch.compile and torch.func transforms; otherwise (an autograd.Function) the layer uses `step` there.
     fast_scan_composable: bool = False
+    # Under torch.autocast: True runs in the autocast dtype, False in the parameters' dtype, as torch.nn does
+    # inside a layer (RNN and LSTM lower, GRU not) and alone (RNNCell lower, LSTMCell and GRUCell not)
+    autocast_lower_precision: bool = False
+    autocast_lower_precision_alone: bool = False
+    # True when the cell takes proj_size (a projected output, h smaller than c), as torch.nn.LSTM does
+    supports_proj_size: bool = False
+    # True when fast_scan takes ``xw_again``, a function that recomputes xw (for a double backward's replay)
+    fast_scan_recomputes_input: bool = False
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        if input_size <= 0 or hidden_size <= 0:
-            raise ValueError(f"input_size and hidden_size must be positive, got {input_size} and {hidden_size}")
+        # torch.nn's cells: sizes are ints (TypeError), 0 is allowed, a negative size is a RuntimeError
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            if value < 0:
+                raise RuntimeError(f"{name} must be zero or positive, got {value}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -90,7 +110,7 @@ class Cell(nn.Module):
 
     def init_parameter(self, name: str, tensor: Tensor) -> None:
         """torch.nn's initialisation: every parameter ~ U(-1/√H, 1/√H)."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
         nn.init.uniform_(tensor, -bound, bound)
 
     def reset_parameters(self) -> None:
@@ -104,13 +124,23 @@ class Cell(nn.Module):
             return F.linear(x, weight_ih, bias_ih)  # (..., G)
         # one_hot(ids) @ W_ihᵀ picks row `id` of W_ihᵀ: a lookup, with the same values and gradients
         check_token_ids(x, weight_ih.shape[1])
+        if x.dtype not in (torch.int64, torch.int32):  # embedding's index types; uint8/int8/int16 widen losslessly
+            x = x.long()
         xw = F.embedding(x, weight_ih.t())  # (..., G)
         return xw if bias_ih is None else xw + bias_ih
 
+    @property
+    def output_size(self) -> int:
+        """Size of h, the output of each step (H; an LSTM with projections: proj_size)."""
+        return self.state_sizes()[0]
+
+    def state_sizes(self) -> tuple[int, ...]:
+        """Size of each state field, in ``State``'s order: H for all of them unless a cell says otherwise."""
+        return tuple(self.hidden_size for _ in self.State._fields)
+
     def initial_state(self, batch_size: int, like: Tensor):
-        """All-zero state, as torch.nn uses when hx is None."""
-        zeros = like.new_zeros(batch_size, self.hidden_size)  # (B, H)
-        return self.State(*(zeros for _ in self.State._fields))
+        """All-zero state, as torch.nn uses when hx is None: one (B, size) tensor per field."""
+        return self.State(*(like.new_zeros(batch_size, n) for n in self.state_sizes()))
 
     def step(self, p: dict[str, Tensor | None], x: Tensor, state):
         """One time step: (this step's input projection x (B, G), previous state) -> new state."""
@@ -131,19 +161,64 @@ class Cell(nn.Module):
         return {name: getattr(self, name, None) for name in self.parameter_shapes()}
 
     def forward(self, input: Tensor, hx=None):
-        """Called like torch.nn's cells: input (B, I) or (I,); returns h', or (h', c') for an LSTM."""
-        batched = input.dim() == (2 if input.is_floating_point() else 1)
+        """Called like torch.nn's cells: input (B, I) or (I,) — or token ids (B,) / () — and hx per state field
+        (B, size) or (size,), a tensor or a tuple (h, c) for an LSTM; returns h', or (h', c') for an LSTM.
+
+        Errors as torch.nn's: ValueError for an input or hx of the wrong rank, RuntimeError for a wrong input
+        size, hidden size or batch size (a state is never broadcast over the batch) or a dtype mismatch.
+        """
+        name = type(self).__name__
+        ids = not input.is_floating_point()
+        if input.dim() not in ((0, 1) if ids else (1, 2)):
+            raise ValueError(f"{name}: Expected input to be {'0D or 1D (token ids)' if ids else '1D or 2D'}, "
+                             f"got {input.dim()}D instead")
+        batched = input.dim() == (1 if ids else 2)
+        if not ids and input.shape[-1] != self.input_size:
+            raise RuntimeError(f"{name}: input has inconsistent input_size: got {input.shape[-1]} "
+                               f"expected {self.input_size}")
         if not batched:
             input = input.unsqueeze(0)
-            if hx is not None:
-                hx = hx.unsqueeze(0) if isinstance(hx, Tensor) else tuple(s.unsqueeze(0) for s in hx)
         p = self.params()
+        like = next(t for t in p.values() if t is not None)
+        device_type = input.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if not ids and not autocast and input.dtype != like.dtype:
+            raise RuntimeError(f"{name}: input dtype ({input.dtype}) does not match weight dtype ({like.dtype}); "
+                               f"convert the input (input.to({like.dtype})) or the cell (cell.to({input.dtype}))")
+        B = input.shape[0]
         if hx is None:
-            like = next(t for t in p.values() if t is not None)
-            state = self.initial_state(input.shape[0], like)
+            state = self.initial_state(B, like)
         else:
-            state = self.State(hx) if isinstance(hx, Tensor) else self.State(*hx)
-        state = self.step(p, self.project(p, input), state)
+            fields = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+            if len(fields) != len(self.State._fields):
+                raise ValueError(f"{name}: hx must hold {len(self.State._fields)} tensor(s) "
+                                 f"{self.State._fields}, got {len(fields)}")
+            checked = []
+            for j, (field, f, size) in enumerate(zip(self.State._fields, fields, self.state_sizes())):
+                label = "hidden" if len(fields) == 1 else f"hx[{j}]"
+                if f.dim() not in (1, 2):
+                    raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {f.dim()}D instead")
+                if f.dim() != (2 if batched else 1):
+                    raise RuntimeError(f"{name}: for {'batched 2-D' if batched else 'unbatched 1-D'} input, "
+                                       f"{label} ({field}) should be {2 if batched else 1}-D, got {f.dim()}-D")
+                f = f if batched else f.unsqueeze(0)
+                if f.shape[1] != size:
+                    raise RuntimeError(f"{name}: hidden{j} ({field}) has inconsistent hidden_size: got "
+                                       f"{f.shape[1]}, expected {size}")
+                if f.shape[0] != B:
+                    raise RuntimeError(f"{name}: Input batch size {B} doesn't match hidden{j} ({field}) batch "
+                                       f"size {f.shape[0]}")
+                checked.append(f)
+            state = self.State(*checked)
+        if autocast:  # the precision torch.nn's cell would use (autocast_lower_precision_alone)
+            dtype = torch.get_autocast_dtype(device_type) if self.autocast_lower_precision_alone else like.dtype
+            p = {n: t if t is None else t.to(dtype) for n, t in p.items()}
+            input = input if ids else input.to(dtype)
+            state = self.State(*(s.to(dtype) for s in state))
+            with torch.autocast(device_type, enabled=False):
+                state = self.step(p, self.project(p, input), state)
+        else:
+            state = self.step(p, self.project(p, input), state)
         if not batched:
             state = self.State(*(s.squeeze(0) for s in state))
         return state.h if len(state) == 1 else tuple(state)
@@ -161,9 +236,13 @@ class RNNCell(Cell):
     with ``nonlinearity='relu'`` using relu in place of tanh.
     """
 
+    autocast_lower_precision = True
+    autocast_lower_precision_alone = True
+    fast_scan_recomputes_input = True
+
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None):
         if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+            raise ValueError(f"Unknown nonlinearity {nonlinearity!r}. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, bias, device, dtype)
 
@@ -174,9 +253,9 @@ class RNNCell(Cell):
         h = torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
         return HiddenState(h)
 
-    def fast_scan(self, p, xw, state, mask):
+    def fast_scan(self, p, xw, state, mask, xw_again=None):
         """The time loop fused, with a hand-derived backward (rnnmath.fused); equal to the readable loop."""
-        return fused.rnn_scan(p, xw, state, mask, self.nonlinearity)
+        return fused.rnn_scan(p, xw, state, mask, self, xw_again)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.nonlinearity == "tanh" else ", nonlinearity='relu'")
@@ -193,11 +272,40 @@ class LSTMCell(Cell):
         o = σ(x W_io + b_io + h W_ho + b_ho)      output gate
         c' = f ⊙ c + i ⊙ g
         h' = o ⊙ tanh(c')
+
+    With ``proj_size`` P > 0 (Sak, Senior & Beaufays 2014, "LSTM recurrent neural network architectures for
+    large scale acoustic modeling"; torch.nn.LSTM's ``proj_size``) the output is projected to P units,
+    h' = (o ⊙ tanh(c')) W_hrᵀ with ``weight_hr`` (P, H); h is then (B, P), W_hh (4H, P), and c stays (B, H).
+    torch.nn.LSTMCell has no proj_size; here the layers use it for torch.nn.LSTM(proj_size=P).
     """
 
     State = LSTMState
     num_gates = 4
     gate_names = ("i", "f", "g", "o")
+    autocast_lower_precision = True
+    supports_proj_size = True
+    fast_scan_recomputes_input = True
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, proj_size: int = 0):
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size and proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        self.proj_size = proj_size
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+        if proj_size:
+            self.fast_scan = None  # the fused loop has no projection: the layer runs the readable loop
+
+    def parameter_shapes(self):
+        if not self.proj_size:
+            return super().parameter_shapes()
+        G, I, H, P = 4 * self.hidden_size, self.input_size, self.hidden_size, self.proj_size
+        return {"weight_ih": (G, I), "weight_hh": (G, P), "bias_ih": (G,), "bias_hh": (G,), "weight_hr": (P, H)}
+
+    def state_sizes(self):
+        return (self.proj_size or self.hidden_size, self.hidden_size)
 
     def step(self, p, x, state):
         h, c = state
@@ -208,12 +316,17 @@ class LSTMCell(Cell):
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c = f * c + i * g
         h = o * torch.tanh(c)
+        if self.proj_size:
+            h = torch.mm(h, p["weight_hr"].t())  # (B, P)
         self.record(i=i, f=f, g=g, o=o)
         return LSTMState(h, c)
 
-    def fast_scan(self, p, xw, state, mask):
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", proj_size={self.proj_size}" if self.proj_size else "")
+
+    def fast_scan(self, p, xw, state, mask, xw_again=None):
         """The time loop fused, with a hand-derived backward (rnnmath.fused); equal to the readable loop."""
-        return fused.lstm_scan(p, xw, state, mask)
+        return fused.lstm_scan(p, xw, state, mask, self, xw_again)
 
 
 class GRUCell(Cell):
@@ -232,6 +345,7 @@ class GRUCell(Cell):
 
     num_gates = 3
     gate_names = ("r", "z", "n")
+    fast_scan_recomputes_input = True
 
     def step(self, p, x, state):
         h = state.h
@@ -244,9 +358,9 @@ class GRUCell(Cell):
         self.record(r=r, z=z, n=n)
         return HiddenState(h)
 
-    def fast_scan(self, p, xw, state, mask):
+    def fast_scan(self, p, xw, state, mask, xw_again=None):
         """The time loop fused, with a hand-derived backward (rnnmath.fused); equal to the readable loop."""
-        return fused.gru_scan(p, xw, state, mask)
+        return fused.gru_scan(p, xw, state, mask, self, xw_again)
 
 
 def layer_norm(v: Tensor, gain: Tensor, shift: Tensor | None, eps: float) -> Tensor:

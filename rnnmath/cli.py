@@ -1,8 +1,13 @@
-"""The ``rnnmath`` command: train, evaluate, predict, demo, datasets.
+"""The ``rnnmath`` command: train, evaluate, predict, demo, datasets, bench, inspect, flow.
 
 Each subcommand is a pair of functions, ``add_<name>_parser(subparsers)`` that declares its flags and
 ``cmd_<name>(args) -> int`` that runs it; ``SUBCOMMANDS`` lists the first of each pair. To add a command,
 write the pair and append the parser function to ``SUBCOMMANDS``.
+
+Start-up stays fast (``rnnmath --help`` under 0.5 s): this module and what it imports at the top (config,
+data, common, errors) never import torch, matplotlib or numpy. A ``cmd_<name>`` imports its tool module
+inside the function; a parser whose flags live in a heavy module declares them only when that command runs
+(see ``running``).
 
 Exit codes: 0 success; 2 bad usage or bad data (one line ``rnnmath: error: ...`` naming the file and line,
 or the flag); 1 internal error (one line; the traceback with RNNMATH_DEBUG=1); 130 interrupted by Ctrl-C
@@ -22,11 +27,17 @@ import traceback
 from pathlib import Path
 
 from . import data as datamod
-from . import distributed
+from .config import PRESETS, Config
 from .data import Examples, read_examples
-from .errors import UserError
-from .model import CHECKPOINT, HISTORY, PRESETS, Config, load_description, load_model, write_json
-from .train import BagOfWordsLogReg, Interrupted, classification_metrics, label_indices, train
+from .errors import Interrupted, UserError
+
+_COMMAND: str | None = None  # the subcommand this process runs, once main has seen argv (None: all)
+
+
+def running(command: str) -> bool:
+    """Whether this process runs ``command`` (or builds every parser, as tests do): a parser whose flags
+    need a heavy import declares them only then."""
+    return _COMMAND in (None, command)
 
 
 # -- flag types: a bad value is an argparse error (exit 2) that names the flag ------------------------------
@@ -66,8 +77,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.type.startswith("tuple"):
             group.add_argument(flag, type=_int_list, default=None, metavar="N,N", help=help_text)
-        elif meta["choices"] is not None:
-            group.add_argument(flag, choices=meta["choices"](), default=None, help=help_text)
+        elif isinstance(meta["choices"], tuple):  # a function: Config.validate checks it (it imports torch)
+            group.add_argument(flag, choices=meta["choices"], default=None, help=help_text)
         elif f.type == "str":
             group.add_argument(flag, default=None, help=help_text)
         else:
@@ -91,16 +102,29 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading data files")
     group.add_argument("--format", choices=datamod.FORMATS, default="auto",
-                       help="file format; auto: by extension (.csv, .jsonl/.json, else TSV) (default: auto)")
-    group.add_argument("--text-column", default="text", help="name of the text column or key (default: text)")
-    group.add_argument("--label-column", default="label", help="name of the label column or key (default: label)")
+                       help="file layout: tsv, csv (with a header, or --text-column/--label-column numbers), "
+                            "jsonl, label-first ('<label> <text>', the Kim 2014 benchmark files), fasttext "
+                            "('__label__<name> <text>'); auto: by extension (.csv, .jsonl/.json, else TSV) "
+                            "(default: auto)")
+    group.add_argument("--text-column", default="text",
+                       help="name of the text column or key, or its 1-based number in a TSV/CSV file without a "
+                            "header (default: text)")
+    group.add_argument("--label-column", default="label",
+                       help="name of the label column or key, or its 1-based number in a TSV/CSV file without a "
+                            "header (default: label)")
+    group.add_argument("--encoding", default="utf-8",
+                       help="text encoding of the files, any Python codec name; auto: UTF-8, else Windows-1252, "
+                            "said on standard error (default: utf-8)")
     group.add_argument("--on-bad-line", choices=datamod.ON_BAD_LINE, default="error",
                        help="a malformed record stops with an error naming it, or is skipped and counted "
                             "(default: error)")
 
 
 def read_data(args: argparse.Namespace, path: str) -> Examples:
-    examples = read_examples(path, args.format, args.text_column, args.label_column, args.on_bad_line)
+    examples = read_examples(path, args.format, args.text_column, args.label_column, args.on_bad_line,
+                             args.encoding)
+    for note in examples.notes:
+        print(f"rnnmath: {note}", file=sys.stderr)
     if examples.skipped:
         shown = ", ".join(map(str, examples.skipped[:20])) + (", ..." if len(examples.skipped) > 20 else "")
         print(f"rnnmath: skipped {len(examples.skipped)} bad line(s) of {path}: {shown}", file=sys.stderr)
@@ -112,26 +136,36 @@ def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a sentence classifier",
                               description="Train a sentence classifier and write its model directory. With only "
                               "--data, that file is split (stratified, seeded) 80/10/10 into "
-                              "train/validation/test; --val and --test give those parts as files instead.")
+                              "train/validation/test; --val and --test give those parts as files instead (--val alone: "
+                              "--data is split 90/10 into train/test, and the output says so).")
     p.add_argument("--data", required=True, metavar="FILE", help="labelled training sentences")
     p.add_argument("--val", metavar="FILE", help="validation sentences (early stopping, choice of epoch)")
     p.add_argument("--test", metavar="FILE", help="test sentences, evaluated once at the end")
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting configuration; 'seed' is the seed's tanh RNN (default: default)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (an error where "
+                   "--out holds no run)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its model files only); "
+                   "without it, an --out that holds a run is an error")
     p.add_argument("--json", action="store_true", help="print the history and test metrics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--workers", type=_number(int, 1, 4096), default=1, metavar="N",
                    help="train with N local processes (data-parallel, through torch.distributed's launcher, "
                         "as torchrun --nproc_per_node=N does); --batch-size is per process (default: 1)")
+    add_threads_flag(p)
     add_device_flag(p)
+    p.add_argument("--max-labels", type=_number(int, 2, 10_000_000), default=None, metavar="N",
+                   help="allow up to N distinct labels (default: 50, and labels must not be unique to most rows: "
+                        "such a label column is text, e.g. columns swapped)")
     add_config_flags(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
+
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if distributed.launched() and args.workers not in (1, local_world):
         raise UserError(f"--workers {args.workers}: this process is already one of {local_world} started by "
@@ -143,38 +177,105 @@ def cmd_train(args: argparse.Namespace) -> int:
         return train_command(args)
 
 
+def reader_options(args: argparse.Namespace) -> dict:
+    """``read_examples``'s keyword arguments from the data flags (saved in the split record)."""
+    return {"format": args.format, "text_column": args.text_column, "label_column": args.label_column,
+            "on_bad_line": args.on_bad_line, "encoding": args.encoding}
+
+
+def set_threads(args: argparse.Namespace) -> int:
+    """Apply ``--threads`` (or ``common.default_threads()``) to torch's intra-op pool; return the number."""
+    import torch
+
+    from .common import default_threads
+
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_number(int, 1, 4096), default=None, metavar="N",
+                        help="CPU threads for torch (default: the cores the 1-minute load average leaves idle, at "
+                             "least 1, or OMP_NUM_THREADS; see README 'Threads')")
+
+
 def train_command(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .common import classification_metrics, compact_metrics
+    from .model import (
+        CHECKPOINT,
+        CONFIG,
+        HISTORY,
+        load_description,
+        load_model,
+        write_json,
+        write_split_record,
+    )
+    from .train import label_indices, train
+
+    threads = set_threads(args)
     out = Path(args.out)
     config, given = config_from_args(args)
-    if args.resume and (out / CHECKPOINT).exists():  # before the first checkpoint, resuming starts over
-        saved, _, _ = load_description(out)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+    if args.resume and (out / CONFIG).exists():  # the run's own settings; other flags are a mistake
+        saved, _, _ = load_description(out) if (out / CHECKPOINT).exists() else (_saved_config(out), None, None)
         for name, value in given.items():
             if getattr(saved, name) != getattr(config, name):
                 raise UserError(f"--{name.replace('_', '-')} {value} differs from the run being resumed in {out} "
                                 f"({getattr(saved, name)}); leave it out with --resume")
         config = saved
+    if args.resume and not (out / CHECKPOINT).exists():
+        if not (out / CONFIG).exists():
+            raise UserError(f"--resume: {out} holds no checkpoint to resume (no run was started there); train "
+                            "without --resume")
+        print(f"rnnmath: {out} holds no checkpoint yet (the run stopped before the end of its first epoch): "
+              "starting that run over with its saved settings", file=sys.stderr)
     examples = read_data(args, args.data)
+    datamod.check_labels(examples, args.max_labels)
     val = read_data(args, args.val) if args.val else None
     test = read_data(args, args.test) if args.test else None
     fractions = [0.8 if val is None and test is None else 0.9 if val is None or test is None else 1.0]
     fractions += [0.1] * ((val is None) + (test is None))
     parts = datamod.stratified_split(examples.labels, fractions, config.seed)
     train_set = examples.subset(parts.pop(0))
-    val = val if val is not None else examples.subset(parts.pop(0))
-    test = test if test is not None else examples.subset(parts.pop(0))
+    held = []
+    if val is None:
+        val = examples.subset(parts.pop(0))
+        held.append(f"validation {len(val)}")
+    if test is None:
+        test = examples.subset(parts.pop(0))
+        held.append(f"test {len(test)}")
+    quiet = args.quiet or args.json
+    if held and not quiet:
+        print(f"rnnmath: split {args.data} (stratified, seed {config.seed}): train {len(train_set)}, "
+              f"{', '.join(held)} sentences" + ("; no --test file was given, so 10% of --data is the test set"
+                                                if args.val and not args.test else ""), file=sys.stderr)
+    empty = sum(1 for t in train_set.texts if not datamod.tokenize(t))
+    if empty and not quiet:
+        print(f"rnnmath: {empty} of {len(train_set)} training sentences have no token at all (see README "
+              "'Tokenizer'); they are read as empty sentences", file=sys.stderr)
 
-    log = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr))
-    progress = not (args.quiet or args.json) and sys.stderr.isatty()
-    history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log, device=args.device)
+    log = None if quiet else (lambda line: print(line, file=sys.stderr))
+    progress = not quiet and sys.stderr.isatty()
+    if log:
+        log(f"training on {threads} thread(s)")
+    split = {"train": train_set, "val": val, "test": test}
+    history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log,
+                    overwrite=args.overwrite, on_start=lambda out: write_split_record(out, split, reader_options(args)),
+                    device=args.device)
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
-    result = {"model": str(out), "train": len(train_set), "val": len(val), **history}
+    result = {"model": str(out), "train": len(train_set), "val": len(val), **history,
+              "val_source": args.val or f"{'10%' if args.test else '10% (of 80/10/10)'} of {args.data}",
+              "test_source": args.test or f"{'10%' if args.val else '10% (of 80/10/10)'} of {args.data}"}
     if len(test):
         trained = load_model(out, args.device)
         predicted = trained.predict(test.texts).argmax(1)
         result["test"] = classification_metrics(label_indices(test, trained.labels).tolist(), predicted.tolist(),
                                                 trained.labels)
-        write_json(out / HISTORY, "history", **history, test=result["test"])
+        write_json(out / HISTORY, "history", **history, test=compact_metrics(result["test"]))
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -187,25 +288,57 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_config(out: Path) -> Config:
+    from .model import CONFIG, config_from_dict, read_json
+
+    return config_from_dict(read_json(out / CONFIG, "config").get("config"), str(out / CONFIG))
+
+
 # -- evaluate ----------------------------------------------------------------------------------------------
 def add_evaluate_parser(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="accuracy, per-class precision/recall/F1, confusion matrix",
-                              description="Evaluate a trained model on labelled sentences.")
+                              description="Evaluate a trained model on labelled sentences: --data FILE, or "
+                              "--split test (val, train) to re-read exactly that part of the run's own files "
+                              "(recorded in DIR/split.json). Warns on standard error when evaluated sentences "
+                              "were also trained on.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
-    p.add_argument("--data", required=True, metavar="FILE", help="labelled sentences")
+    p.add_argument("--data", metavar="FILE", help="labelled sentences")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="evaluate this part of the run's split instead of --data")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, macro_f1, n, ...)")
+    add_threads_flag(p)
     add_device_flag(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .common import classification_metrics
+    from .model import held_out, load_model, read_split_record, training_overlap
+    from .train import label_indices
+
+    if (args.data is None) == (args.split is None):
+        raise UserError("give either --data FILE or --split test|val|train")
+    set_threads(args)
     trained = load_model(args.model, args.device)
-    examples = read_data(args, args.data)
+    if args.split:
+        examples = held_out(args.model, args.split)
+        for note in examples.notes:
+            print(f"rnnmath: {note}", file=sys.stderr)
+    else:
+        examples = read_data(args, args.data)
     y = label_indices(examples, trained.labels)
     predicted = trained.predict(examples.texts).argmax(1)
     metrics = classification_metrics(y.tolist(), predicted.tolist(), trained.labels)
     metrics["skipped_lines"] = examples.skipped
+    record = read_split_record(args.model)
+    if record is not None:
+        overlap = training_overlap(record, examples.texts)
+        metrics["train_overlap"] = overlap
+        if overlap and args.split != "train":
+            print(f"rnnmath: warning: {overlap} of {len(examples)} evaluated sentences ({overlap / len(examples):.1%}) "
+                  f"were also in the training data of {args.model}, so these figures overstate accuracy on new "
+                  f"text; 'rnnmath evaluate {args.model} --split test' evaluates the held-out part", file=sys.stderr)
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
         return 0
@@ -216,8 +349,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def format_metrics(metrics: dict) -> str:
     labels = metrics["labels"]
     width = max(8, *(len(y) for y in labels))
-    lines = [f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}   n {metrics['n']}", "",
-             f"{'label':<{width}}  precision  recall  f1      support"]
+    averaged = (f" (mean over the {len(metrics['macro_labels'])} labels present in true or predicted labels)"
+                if len(metrics["macro_labels"]) != len(labels) else "")
+    lines = [f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}{averaged}   n {metrics['n']}",
+             "", f"{'label':<{width}}  precision  recall  f1      support"]
     for label, m in metrics["per_class"].items():
         lines.append(f"{label:<{width}}  {m['precision']:<9.4f}  {m['recall']:<6.4f}  {m['f1']:<6.4f}  {m['support']}")
     lines += ["", "confusion matrix (rows: true label, columns: predicted)",
@@ -231,39 +366,82 @@ def format_metrics(metrics: dict) -> str:
 def add_predict_parser(subparsers) -> None:
     p = subparsers.add_parser("predict", help="label new sentences",
                               description="Print the label and its probability for each text: the TEXT "
-                              "arguments, or else one text per line of standard input.")
+                              "arguments, or else one text per line of standard input, each answered (and "
+                              "flushed) as soon as its line has arrived, so a program can write a line and read "
+                              "its answer.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: lines of standard input)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: text, label, probabilities (label -> probability)")
+    add_threads_flag(p)
     add_device_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .model import load_model
+
+    set_threads(args)
+    texts = [text_argument(t, "TEXT") for t in args.texts]
     trained = load_model(args.model, args.device)
-    texts = args.texts if args.texts else read_stdin_lines()
-    probabilities = trained.predict(texts)
-    for text, p in zip(texts, probabilities.tolist()):
-        best = max(range(len(p)), key=p.__getitem__)
-        if args.json:
-            print(json.dumps({"text": text, "label": trained.labels[best],
-                              "probabilities": dict(zip(trained.labels, p))}))  # ASCII: no \u2028 in a line
-        else:
-            print(f"{trained.labels[best]}\t{p[best]:.4f}\t{text}")
+
+    def answer(texts: list[str]) -> None:
+        probabilities = trained.predict(texts)
+        for text, p in zip(texts, probabilities.tolist()):
+            best = max(range(len(p)), key=p.__getitem__)
+            if args.json:
+                print(json.dumps({"text": text, "label": trained.labels[best],
+                                  "probabilities": dict(zip(trained.labels, p))}))  # ASCII: no \u2028 in a line
+            else:
+                print(f"{trained.labels[best]}\t{p[best]:.4f}\t{text}")
+        sys.stdout.flush()
+
+    if texts:
+        answer(texts)
+    else:
+        for batch in stdin_batches():
+            answer(batch)
     return 0
 
 
+def stdin_batches(stream=None, chunk: int = 1 << 16):
+    """Standard input as UTF-8 lines split on "\\n" only (a BOM and a "\\r" before "\\n" are dropped),
+    yielded as soon as they arrive: each batch holds the complete lines of one read (one line from a program
+    that writes a line and waits; thousands from a file). UserError naming the line if it is not UTF-8."""
+    stream = sys.stdin.buffer if stream is None else stream
+    pending, line_number, first = b"", 0, True
+    while True:
+        data = stream.read1(chunk)  # one read: returns what has arrived, without waiting for a full chunk
+        if not data:
+            break
+        pending += data
+        if first:
+            if len(pending) < 3 and b"\n" not in pending:
+                continue  # maybe half a BOM
+            pending, first = pending.removeprefix(b"\xef\xbb\xbf"), False
+        *complete, pending = pending.split(b"\n")
+        if complete:
+            yield _decode_lines(complete, line_number)
+            line_number += len(complete)
+    if first:
+        pending = pending.removeprefix(b"\xef\xbb\xbf")
+    if pending:
+        yield _decode_lines([pending], line_number)
+
+
+def _decode_lines(raw: list[bytes], before: int) -> list[str]:
+    lines = []
+    for i, line in enumerate(raw, start=before + 1):
+        try:
+            lines.append(line.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError:
+            raise UserError(f"standard input line {i}: not valid UTF-8; expected UTF-8 text") from None
+    return lines
+
+
 def read_stdin_lines() -> list[str]:
-    """Standard input as UTF-8 lines split on "\\n" only (a BOM and a "\\r" before "\\n" are dropped)."""
-    data = sys.stdin.buffer.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"standard input line {line}: not valid UTF-8; expected UTF-8 text") from None
-    lines = [line.removesuffix("\r") for line in text.split("\n")]
-    return lines[:-1] if lines and lines[-1] == "" else lines
+    """All of standard input as lines (see ``stdin_batches``)."""
+    return [line for batch in stdin_batches() for line in batch]
 
 
 # -- demo --------------------------------------------------------------------------------------------------
@@ -289,6 +467,9 @@ def add_demo_parser(subparsers) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .model import load_model
+    from .train import BagOfWordsLogReg, label_indices, train
+
     start = time.perf_counter()
     n, epochs = (400, 2) if args.quick else (3000, 3)
     examples = datamod.make_order_task(n, args.seed)
@@ -335,7 +516,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from . import flow, plots
 
         report_dir = Path(args.out) / "inspect" if args.out else Path(tempfile.mkdtemp(prefix="rnnmath-inspect-"))
-        report = plots.write_reading_report(flow.read_sentence(trained, DEMO_SENTENCES[0]), report_dir)
+        report = plots.write_reading_report(flow.read_sentence(trained, DEMO_SENTENCES[0]), report_dir,
+                                            {"directory": out if args.out else "(temporary)",
+                                             "cell": config.cell, "test_accuracy": rnn_acc})
         print(f"\nhow the RNN read {DEMO_SENTENCES[0]!r}, word by word: {report}")
 
         print(f"\ndemo finished in {time.perf_counter() - start:.0f} s"
@@ -394,13 +577,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 # -- bench -------------------------------------------------------------------------------------------------
 def add_bench_parser(subparsers) -> None:
-    from . import bench
-
     p = subparsers.add_parser("bench", help="speed and peak memory against torch.nn (docs/benchmarks.md)",
                               description="Training step and inference of RNN/LSTM/GRU: rnnmath's fast path vs "
                               "torch.nn's native layers and the readable loop, the seed's one-hot loop, the "
                               "matmul roofline and peak memory. The full grid takes long on 2 cores: try --quick.")
-    bench.add_arguments(p)
+    if running("bench"):  # bench.py imports torch
+        from . import bench
+
+        bench.add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -425,14 +609,35 @@ def add_inspect_parser(subparsers) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import flow, plots
+    from .model import HISTORY, load_model
 
-    reading = flow.read_sentence(load_model(args.model), args.text)
-    path = plots.write_reading_report(reading, args.out)
+    text = text_argument(args.text, "TEXT")
+    trained = load_model(args.model)
+    reading = flow.read_sentence(trained, text)
+    history = Path(args.model) / HISTORY
+    try:
+        accuracy = json.loads(history.read_text(encoding="utf-8")).get("test", {}).get("accuracy")
+    except (OSError, ValueError, AttributeError):  # no history or no test part: the page says so
+        accuracy = None
+    path = plots.write_reading_report(reading, args.out, {"directory": args.model, "cell": trained.config.cell,
+                                                          "test_accuracy": accuracy})
     if args.json:
         print(json.dumps({**reading.to_json(), "report": str(path)}, ensure_ascii=False))
     else:
         print(path)
     return 0
+
+
+def text_argument(value: str, name: str) -> str:
+    """A command-line text as Unicode; UserError naming the argument if it holds bytes that are not UTF-8
+    (Python keeps such bytes as lone surrogates, U+DC80-U+DCFF, which no tokenizer or file can take)."""
+    bad = next((ch for ch in value if "\udc80" <= ch <= "\udcff"), None)
+    if bad is not None:
+        raw = value.encode("utf-8", "surrogateescape")
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise UserError(f"{name} \"{shown}\" holds the byte 0x{ord(bad) - 0xDC00:02x}, which is not UTF-8; pass the "
+                        "text in UTF-8 (e.g. convert it with iconv -f cp1252 -t utf-8)")
+    return value
 
 
 def add_flow_parser(subparsers) -> None:
@@ -547,6 +752,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers():
+    """rnnmath.distributed where the command imported it (train); where not, nothing runs in several
+    processes, and a stand-in answers for it without importing torch."""
+    return sys.modules.get("rnnmath.distributed") or _NoWorkers
+
+
+class _NoWorkers:
+    """Stands in for rnnmath.distributed in ``main`` when the command never imported it (one process)."""
+
+    class WorkerFailed(Exception):
+        exit_code = 1
+
+    @staticmethod
+    def record_failure(message: str) -> bool:
+        return False
+
+    @staticmethod
+    def who() -> str:
+        return ""
+
+    @staticmethod
+    def lost_peer(error: BaseException) -> bool:
+        return False
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser,
                add_bench_parser, add_inspect_parser, add_flow_parser, add_serve_parser, add_export_parser]
@@ -562,22 +792,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _COMMAND
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _COMMAND = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        return _main(argv)
+    finally:
+        _COMMAND = None
+
+
+def _main(argv: list[str]) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path or text with non-UTF-8 bytes prints escaped, never crashes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # a usage error exits with 2
     if extra and isinstance(getattr(args, "texts", None), list) and not any(e.startswith("-") for e in extra):
         args.texts += extra  # `predict DIR --json a b`: argparse ends the TEXT list at the first flag
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # for --workers, which reruns the command
+    args.argv = argv  # for --workers, which reruns the command
     try:
         return args.func(args)
     except UserError as e:
+        distributed = _workers()
         if not distributed.record_failure(f"{e}"):  # under --workers the launcher prints it, once
             print(f"rnnmath: error: {distributed.who()}{e}", file=sys.stderr)
         return 2
-    except distributed.WorkerFailed as e:
-        print(f"rnnmath: error: {e}", file=sys.stderr)
-        return e.exit_code
     except Interrupted as e:
         print(f"rnnmath: {e}", file=sys.stderr)
         return 130
@@ -588,6 +829,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as e:
+        distributed = _workers()
+        if isinstance(e, distributed.WorkerFailed):
+            print(f"rnnmath: error: {e}", file=sys.stderr)
+            return e.exit_code
         if os.environ.get("RNNMATH_DEBUG") == "1":
             traceback.print_exc()
         message = " ".join(str(e).split()) or "(no message)"

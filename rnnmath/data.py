@@ -10,55 +10,110 @@ name the file and line.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
 import hashlib
 import io
 import json
 import os
 import random
 import re
-import tempfile
-import urllib.error
-import urllib.request
+import unicodedata
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from .common import atomic_write  # noqa: F401  (re-exported: it lived here first)
 from .errors import UserError
 
-FORMATS = ("auto", "tsv", "csv", "jsonl")
+if TYPE_CHECKING:  # torch is imported where it is used, so that the CLI starts fast
+    from torch import Tensor
+
+FORMATS = ("auto", "tsv", "csv", "jsonl", "label-first", "fasttext")
 ON_BAD_LINE = ("error", "skip")
+FASTTEXT_PREFIX = "__label__"
+MAX_LABELS = 50  # more distinct labels than this looks like a text column (--max-labels raises it)
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------------
-TOKEN = re.compile(r"[a-z0-9']+")
+# Scripts written without spaces between words: each of their characters (with its combining marks) is one
+# token. Code point ranges of the Unicode blocks: Thai, Lao, Tibetan, Myanmar, Khmer, CJK radicals and
+# symbols through Katakana and Bopomofo, CJK extension A, CJK unified ideographs, Yi, CJK compatibility
+# ideographs, halfwidth Katakana (NFKC maps most of them to full width), and the supplementary ideographs.
+_NO_SPACE = ((0x0E00, 0x0FFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x2E80, 0x31FF), (0x3400, 0x4DBF),
+             (0x4E00, 0x9FFF), (0xA000, 0xA4CF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F), (0x20000, 0x3FFFF))
+_ASCII_TOKEN = re.compile(r"[a-z0-9']+")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'"})  # ’ and ʼ are written for ' ("don’t")
+
+
+@functools.lru_cache(maxsize=65536)
+def _kind(ch: str) -> int:
+    """0: separates tokens; 1: part of a word; 2: a character of a no-space script; 3: a combining mark."""
+    if ch == "'":
+        return 1
+    category = unicodedata.category(ch)
+    if category[0] == "M":
+        return 3
+    if category[0] not in "LN":
+        return 0
+    code = ord(ch)
+    return 2 if any(lo <= code <= hi for lo, hi in _NO_SPACE) else 1
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case the text and return its runs of ``[a-z0-9']`` in order.
+    """The words of ``text``, in order: NFKC-normalised, case-folded runs of Unicode letters, digits and
+    combining marks (categories L, N, M) and the apostrophe; everything else separates words.
 
-    Everything else separates words: punctuation, white space, control characters, and letters outside
-    a-z (so "café" gives "caf"). ``"Don't stop!!"`` -> ``["don't", "stop"]``.
+    Scripts written without spaces (Chinese, Japanese, Thai, Lao, Khmer, Myanmar, Tibetan, Yi) give one
+    token per character, with the combining marks that follow it. ``’`` counts as ``'``.
+
+    ``"Don't STOP!!"`` -> ``["don't", "stop"]``; ``"Привет, МИР"`` -> ``["привет", "мир"]``;
+    ``"我爱猫 ok"`` -> ``["我", "爱", "猫", "ok"]``; ``"ﬁne Straße"`` -> ``["fine", "strasse"]``.
+    On ASCII text the result equals the earlier rule, runs of ``[a-z0-9']`` of the lower-cased text.
     """
-    return TOKEN.findall(text.lower())
+    if text.isascii():
+        return _ASCII_TOKEN.findall(text.lower())
+    text = unicodedata.normalize("NFKC", text.translate(_APOSTROPHES)).casefold()
+    tokens: list[str] = []
+    word: list[str] = []
+    single = False  # word holds one character of a no-space script (and its marks)
+    for ch in text:
+        kind = _kind(ch)
+        if kind == 3:
+            if word:  # a mark continues its word or character; with nothing before it, it is dropped
+                word.append(ch)
+            continue
+        if word and (kind != 1 or single):
+            tokens.append("".join(word))
+            word = []
+        if kind:
+            word.append(ch)
+        single = kind == 2
+    if word:
+        tokens.append("".join(word))
+    return tokens
 
 
 # -- examples and readers ----------------------------------------------------------------------------------
 @dataclass
 class Examples:
     """Labelled texts read from ``source``; ``lines[i]`` is the 1-based line where record i starts.
-    ``skipped`` holds the lines of bad records passed over with ``on_bad_line="skip"``."""
+
+    ``skipped`` holds the lines of bad records passed over with ``on_bad_line="skip"``; ``notes`` holds what
+    the reader decided on its own and a user should hear (an encoding fallback), one sentence each;
+    ``label_field`` says where the labels came from (``column 'label'``, ``column 2``, ...)."""
 
     texts: list[str]
     labels: list[str]
     lines: list[int]
     source: str = ""
     skipped: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    label_field: str = "label"
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -67,7 +122,7 @@ class Examples:
         indices = list(indices)
         return Examples(
             [self.texts[i] for i in indices], [self.labels[i] for i in indices],
-            [self.lines[i] for i in indices], self.source,
+            [self.lines[i] for i in indices], self.source, label_field=self.label_field,
         )
 
     @staticmethod
@@ -75,16 +130,25 @@ class Examples:
         return Examples(
             [t for p in parts for t in p.texts], [label for p in parts for label in p.labels],
             [n for p in parts for n in p.lines], " + ".join(p.source for p in parts),
-            [n for p in parts for n in p.skipped],
+            [n for p in parts for n in p.skipped], [s for p in parts for s in p.notes],
+            parts[0].label_field if parts else "label",
         )
+
+
+def column_number(value: str | int) -> int | None:
+    """The 1-based column number that a ``--text-column``/``--label-column`` value gives, or None for a name."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
 
 
 def read_examples(
     path: str | os.PathLike,
     format: str = "auto",
-    text_column: str = "text",
-    label_column: str = "label",
+    text_column: str | int = "text",
+    label_column: str | int = "label",
     on_bad_line: str = "error",
+    encoding: str = "utf-8",
 ) -> Examples:
     """Read labelled texts from a file.
 
@@ -93,32 +157,65 @@ def read_examples(
     * ``tsv``: one record a line, fields separated by TAB, no quoting. If the first line's fields include
       ``text_column`` and ``label_column`` it is a header; otherwise every line is ``sentence<TAB>label``
       (the UCI Sentiment Labelled Sentences format).
-    * ``csv``: comma-separated with a header row naming the columns; standard CSV quoting.
+    * ``csv``: comma-separated with a header row naming the columns; standard CSV (RFC 4180) quoting.
     * ``jsonl``: one JSON object a line with ``text_column`` and ``label_column`` keys.
+    * ``label-first``: ``<label> <text>``, the label the first word of the line, then spaces, then the text
+      (the files of Kim 2014's benchmarks: MR, Subj, TREC, CR). The text may be empty.
+    * ``fasttext``: fastText's layout, ``__label__<name> <text>``; the words that start with ``__label__`` are
+      labels, the others the text. A line must carry exactly one label.
+
+    Columns: ``text_column``/``label_column`` name header columns (tsv, csv) or keys (jsonl); numbers (``2``,
+    or the string ``"2"``) are 1-based column positions of a file WITHOUT a header (tsv, csv), where then
+    every line is data. Both must be names or both numbers.
+
+    Encoding: any codec name Python knows (``utf-8`` by default, a BOM allowed); ``auto`` reads UTF-8 and, if
+    the bytes are not valid UTF-8, Windows-1252, adding a sentence saying so to ``Examples.notes``.
 
     Records are split on ``\\n`` only: a ``\\r`` before it is dropped, and characters that
     ``str.splitlines`` would also break on (``\\x85``, ``\\u2028``, ...) stay inside the sentence. Texts
     are stripped of surrounding white space; blank lines are ignored. Labels may be strings or integers.
-    A UTF-8 BOM is allowed. A bad record raises ``UserError`` naming the file and line, or with
-    ``on_bad_line="skip"`` is counted in ``Examples.skipped``.
+    A bad record raises ``UserError`` naming the file and line, or with ``on_bad_line="skip"`` is counted in
+    ``Examples.skipped``. Any other mistake (unknown format, encoding or column) is a UserError naming the
+    flag.
     """
     if format not in FORMATS:
         raise UserError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
     if on_bad_line not in ON_BAD_LINE:
         raise UserError(f"--on-bad-line {on_bad_line!r} is not one of {', '.join(ON_BAD_LINE)}")
     name = str(path)
-    text = read_text(path)
     if format == "auto":
         suffix = Path(path).suffix.lower()
         format = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(suffix, "tsv")
+    i_text, i_label = column_number(text_column), column_number(label_column)
+    if (i_text is None) != (i_label is None):
+        raise UserError("--text-column and --label-column must both be column names (a file with a header) or "
+                        f"both be 1-based column numbers (a file without one), got {text_column!r} and "
+                        f"{label_column!r}")
+    if i_text is not None:
+        if format not in ("tsv", "csv"):
+            raise UserError(f"--text-column/--label-column numbers apply to tsv and csv files, not --format {format}")
+        if i_text < 1 or i_label < 1 or i_text == i_label:
+            raise UserError(f"--text-column {i_text} and --label-column {i_label} must be two different column "
+                            "numbers from 1")
+    text, notes = read_text(path, encoding)
     reader = _Reader(name, on_bad_line)
+    reader.examples.notes += notes
     records = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), start=1)]
     if format == "jsonl":
-        reader.read_jsonl(records, text_column, label_column)
+        reader.read_jsonl(records, str(text_column), str(label_column))
     elif format == "csv":
-        reader.read_csv(records, text_column, label_column)
+        reader.read_csv(records, text_column, label_column, i_text, i_label)
+    elif format == "label-first":
+        reader.read_label_first(records)
+    elif format == "fasttext":
+        reader.read_fasttext(records)
     else:
-        reader.read_tsv(records, text_column, label_column)
+        reader.read_tsv(records, text_column, label_column, i_text, i_label)
+    examples = reader.examples
+    if i_text is not None and len(examples) > 2 and examples.labels.count(examples.labels[0]) == 1:
+        examples.notes.append(f"{name} line {examples.lines[0]}: its label {examples.labels[0]!r} occurs on no "
+                              "other line, so it may be a header; with column numbers every line is data (name "
+                              "the columns instead if the file has a header)")
     if not reader.examples.texts:
         if reader.examples.skipped:
             raise UserError(f"{name}: all {len(reader.examples.skipped)} records are bad; none left to use")
@@ -126,8 +223,11 @@ def read_examples(
     return reader.examples
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """The file's text, decoded as UTF-8 (with or without a BOM); a clear UserError if it cannot be."""
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[str, list[str]]:
+    """The file's text and the notes for the user (see ``read_examples`` for ``encoding``).
+
+    Raises UserError naming the file (missing, a directory, unreadable), the encoding (unknown), or the file,
+    line and byte that the encoding cannot decode."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such file")
@@ -137,19 +237,77 @@ def read_text(path: str | os.PathLike) -> str:
         data = p.read_bytes()
     except OSError as e:
         raise UserError(f"{p}: cannot be read ({e.strerror})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise UserError(
-            f"{p} line {line}: byte 0x{data[e.start]:02x} is not valid UTF-8{hint}; expected a UTF-8 text file"
-        ) from None
+    notes = []
+    if encoding == "auto":
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            text = _decode(p, data, "cp1252")
+            notes.append(f"{p} is not UTF-8 (byte 0x{data[e.start]:02x} on line {line}); read it as Windows-1252")
+    else:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise UserError(f"--encoding {encoding!r} is not an encoding Python knows; try utf-8, cp1252, latin-1 "
+                            "or auto") from None
+        text = _decode(p, data, "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding)
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise UserError(f"{p} line {line}: holds a NUL byte, so it looks binary or UTF-16; expected a UTF-8 "
-                        "text file")
-    return text
+                        "text file (or give its --encoding, e.g. utf-16)")
+    return text, notes
+
+
+def _decode(p: Path, data: bytes, encoding: str) -> str:
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        name = "UTF-8" if encoding == "utf-8-sig" else encoding
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        advice = "; try --encoding auto (UTF-8, else Windows-1252) or name the file's --encoding" \
+            if encoding == "utf-8-sig" else ""
+        raise UserError(f"{p} line {line}: byte 0x{data[e.start]:02x} is not valid {name}{hint}{advice}") from None
+
+
+def check_labels(examples: Examples, max_labels: int | None = None) -> None:
+    """A UserError if the labels look like text rather than a label set: more than ``max_labels`` distinct
+    values (MAX_LABELS when None), or, when ``max_labels`` is None, more than 10 distinct values that make up
+    over half of the rows. The message names the column, the count and the likely cause."""
+    distinct = len(set(examples.labels))
+    n = len(examples.labels)
+    limit = MAX_LABELS if max_labels is None else max_labels
+    too_many = distinct > limit
+    mostly_unique = max_labels is None and distinct > 10 and distinct > n / 2
+    if not (too_many or mostly_unique):
+        return
+    why = f"more than --max-labels {limit}" if too_many else "most rows have a label of their own"
+    text_distinct = len(set(examples.texts))
+    swapped = (" — the text column has only "
+               f"{text_distinct} distinct value(s), so the columns look swapped") if text_distinct <= limit else ""
+    raise UserError(
+        f"{examples.source}: the label {examples.label_field} holds {distinct} distinct values in {n} rows "
+        f"({why}), which looks like text, not labels{swapped}; choose the columns with --text-column/"
+        "--label-column (numbers for a file without a header), or pass --max-labels N for a task with that many "
+        "classes"
+    )
+
+
+class _Lines:
+    """The lines of a file for csv.reader, with a position that can be moved back (``pos``: lines read)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines, self.pos = lines, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.pos >= len(self.lines):
+            raise StopIteration
+        self.pos += 1
+        return self.lines[self.pos - 1]
 
 
 class _Reader:
@@ -183,13 +341,25 @@ class _Reader:
             found = ", ".join(repr(c) for c in header)
             raise UserError(
                 f"{self.name} line 1: the {where} has no column {missing[0]!r}; found {found} "
-                "(choose columns with --text-column and --label-column)"
+                "(choose columns with --text-column and --label-column; numbers for a file without a header)"
             )
         return header.index(text_column), header.index(label_column)
 
-    def read_tsv(self, records, text_column: str, label_column: str) -> None:
+    def read_tsv(self, records, text_column, label_column, i_text: int | None, i_label: int | None) -> None:
         records = [(n, line) for n, line in records if line.strip()]
         if not records:
+            return
+        if i_text is not None:  # 1-based numbers: no header, every line is data
+            i_text, i_label = i_text - 1, i_label - 1
+            width = max(i_text, i_label) + 1
+            self.examples.label_field = f"column {i_label + 1}"
+            for n, line in records:
+                fields = line.split("\t")
+                if len(fields) < width:
+                    self.bad(n, f"expected at least {width} tab-separated fields (--text-column {i_text + 1}, "
+                                f"--label-column {i_label + 1}), found {len(fields)}")
+                else:
+                    self.add(n, fields[i_text], fields[i_label])
             return
         first = [f.strip() for f in records[0][1].split("\t")]
         if (text_column in first) != (label_column in first):  # a header that lacks one of the two columns
@@ -198,9 +368,11 @@ class _Reader:
             i_text, i_label = first.index(text_column), first.index(label_column)
             width, records = len(first), records[1:]
             expected = f"{width} tab-separated fields as in the header"
+            self.examples.label_field = f"column {label_column!r}"
         else:
             i_text, i_label, width = 0, 1, 2
-            expected = "'sentence<TAB>label' (2 tab-separated fields)"
+            expected = "'sentence<TAB>label' (2 tab-separated fields; other layouts: --text-column/--label-column)"
+            self.examples.label_field = "column 2 (a file without a header is read as sentence<TAB>label)"
         for n, line in records:
             fields = line.split("\t")
             if len(fields) != width:
@@ -208,36 +380,90 @@ class _Reader:
             else:
                 self.add(n, fields[i_text], fields[i_label])
 
-    def read_csv(self, records, text_column: str, label_column: str) -> None:
+    def read_csv(self, records, text_column, label_column, i_text: int | None, i_label: int | None) -> None:
+        """Standard CSV quoting, fields of any size. A quote that opens a field and never closes would make
+        the rest of the file one field: a record that spans several lines and does not give a row of the
+        expected width is bad at the line where it starts, and reading resumes at the line after it."""
         # csv gets the lines we split on "\n" (not io's line splitting), so \x85 and \u2028 stay in fields
-        lines = [line + "\n" for _, line in records]
-        reader = csv.reader(lines, strict=True)
-        start = 1
-        header = None
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:  # the reader starts afresh on the next line, so the record can be skipped
-                line, start = start, reader.line_num + 1
-                if header is None:
-                    raise UserError(f"{self.name} line {line}: broken CSV header ({e}); expected properly quoted "
-                                    "column names") from None
-                self.bad(line, f"broken CSV ({e}); expected properly quoted fields")
+        source = _Lines([line + "\n" for _, line in records])
+        reader = csv.reader(source, strict=True)
+        header = width = None
+        if i_text is not None:  # 1-based numbers: no header, every row is data
+            i_text, i_label = i_text - 1, i_label - 1
+            width = max(i_text, i_label) + 1
+            self.examples.label_field = f"column {i_label + 1}"
+        limit = csv.field_size_limit()
+        csv.field_size_limit(2**31 - 1)  # the default 131072 characters refuses long reviews
+        try:
+            while True:
+                start = source.pos + 1
+                try:
+                    row = next(reader)
+                    error = None
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    row, error = None, str(e)
+                spans = source.pos - start + 1
+                expected = width if width is not None else len(header) if header is not None else None
+                if row is not None and expected is not None and spans > 1 and (
+                        len(row) < expected if width is not None else len(row) != expected):
+                    row, error = None, f"expected {expected} fields"
+                if row is None:
+                    if spans > 1:  # resume at the next line, not where the csv module stopped
+                        source.pos = start
+                        error = (f"a quoted field opens on this line and does not close before line "
+                                 f"{start + spans - 1} ({error}); expected a closing quote (\") on this line "
+                                 "or a properly quoted multi-line field")
+                    else:
+                        error = f"broken CSV ({error}); expected properly quoted fields"
+                    if header is None and width is None:
+                        raise UserError(f"{self.name} line {start}: broken CSV header: {error}") from None
+                    self.bad(start, error)
+                    continue
+                if not any(f.strip() for f in row):
+                    continue
+                if width is not None:
+                    if len(row) < width:
+                        self.bad(start, f"expected at least {width} comma-separated fields (--text-column "
+                                        f"{i_text + 1}, --label-column {i_label + 1}), found {len(row)}")
+                    else:
+                        self.add(start, row[i_text], row[i_label])
+                elif header is None:
+                    header = [f.strip() for f in row]
+                    i_text, i_label = self.columns(header, text_column, label_column, "CSV header")
+                    self.examples.label_field = f"column {label_column!r}"
+                elif len(row) != len(header):
+                    self.bad(start, f"expected {len(header)} comma-separated fields as in the header, "
+                                    f"found {len(row)}")
+                else:
+                    self.add(start, row[i_text], row[i_label])
+        finally:
+            csv.field_size_limit(limit)
+
+    def read_label_first(self, records) -> None:
+        self.examples.label_field = "(the first word of each line)"
+        for n, line in records:
+            if not line.strip():
                 continue
-            line, start = start, reader.line_num + 1
-            if not any(f.strip() for f in row):
+            parts = line.strip().split(None, 1)
+            self.add(n, parts[1] if len(parts) > 1 else "", parts[0])
+
+    def read_fasttext(self, records) -> None:
+        self.examples.label_field = f"(the {FASTTEXT_PREFIX} words)"
+        for n, line in records:
+            words = line.split()
+            if not words:
                 continue
-            if header is None:
-                header = [f.strip() for f in row]
-                i_text, i_label = self.columns(header, text_column, label_column, "CSV header")
-            elif len(row) != len(header):
-                self.bad(line, f"expected {len(header)} comma-separated fields as in the header, found {len(row)}")
-            else:
-                self.add(line, row[i_text], row[i_label])
+            labels = [w[len(FASTTEXT_PREFIX):] for w in words if w.startswith(FASTTEXT_PREFIX)]
+            if len(labels) != 1:
+                self.bad(n, f"expected one {FASTTEXT_PREFIX}<name> word, found {len(labels)} (rnnmath trains one "
+                            "label per sentence)")
+                continue
+            self.add(n, " ".join(w for w in words if not w.startswith(FASTTEXT_PREFIX)), labels[0])
 
     def read_jsonl(self, records, text_column: str, label_column: str) -> None:
+        self.examples.label_field = f"key {label_column!r}"
         for n, line in records:
             if not line.strip():
                 continue
@@ -256,6 +482,14 @@ class _Reader:
                 self.bad(n, f"expected key {missing!r} in the JSON object, found keys {sorted(record)}")
             else:
                 self.add(n, record[text_column], record[label_column])
+
+
+def sentence_key(text: str) -> str | None:
+    """A 64-bit hash (16 hex digits) of the sentence's tokens, so that two sentences that differ only in case,
+    punctuation or spacing get the same key; None for a sentence without tokens. Used to find evaluated
+    sentences that were also trained on."""
+    tokens = tokenize(text)
+    return hashlib.sha256(" ".join(tokens).encode("utf-8")).hexdigest()[:16] if tokens else None
 
 
 # -- vocabulary and encoding -------------------------------------------------------------------------------
@@ -292,6 +526,8 @@ class Vocabulary:
 def encode(texts: Sequence[str], vocab: Vocabulary, max_len: int) -> tuple[Tensor, Tensor]:
     """Token ids (N, T=max_len), padded with PAD and truncated to the first max_len words, and the true
     lengths (N,) after truncation (0 for a text without words)."""
+    import torch
+
     ids = torch.zeros(len(texts), max_len, dtype=torch.long)  # (N, T)
     lengths = torch.zeros(len(texts), dtype=torch.long)  # (N,)
     for i, text in enumerate(texts):
@@ -438,6 +674,9 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, cache_dir: str 
 
 def fetch(dataset: RemoteDataset, cache: Path) -> None:
     """Download ``dataset.url``, check its sha256, and write its files (each checked too) under ``cache``."""
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(dataset.url, timeout=60) as response:
             blob = response.read()
@@ -461,40 +700,6 @@ def fetch(dataset: RemoteDataset, cache: Path) -> None:
         if f.sha256 is not None and sha256_of(data) != f.sha256:
             raise UserError(f"{dataset.url}: {f.member} has sha256 {sha256_of(data)}, expected {f.sha256}")
         atomic_write(cache / f.path, data)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash at any moment leaves either the old file or the new one:
-    a temporary file in the same directory, fsync, os.replace, then fsync of the directory."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:  # a read-only or misnamed --out, a full disk: the user's to fix, so not a traceback
-        raise UserError(f"{path}: cannot be written ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"{path}: cannot be written ({e.strerror or e}); the previous file is kept") from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # -- the built-in demo task: sentiment that depends on word order ------------------------------------------

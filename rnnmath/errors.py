@@ -11,3 +11,7 @@ from __future__ import annotations
 class UserError(Exception):
     """A problem in the user's input: its message is one sentence naming the file and 1-based line (or the
     flag) and what was expected. The CLI prints it as ``rnnmath: error: <message>`` and exits with 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was saved; the message says where and how to resume (exit 130)."""

@@ -11,7 +11,7 @@ training saw; ``rnnmath predict`` cuts a sentence there). The recurrent layers b
 (:mod:`rnnmath.scan_op`). Beside FILE go ``<FILE without .onnx>.vocab.json`` (the words, ``max_len`` and
 the tokenizer rule) and ``<...>.labels.json``; the graph's metadata holds the labels too.
 
-To tokenise outside Python, apply the tokenizer rule of ``rnnmath.data.tokenize`` (README, "Tokens"), map
+To tokenise outside Python, apply the tokenizer rule of ``rnnmath.data.tokenize`` (README, "Tokenizer"), map
 each token to its id (unknown words to UNK = 1), keep the first ``max_len`` ids, pad rows with 0, and pass
 the true lengths; docs/serving.md shows it in a few lines.
 
@@ -118,7 +118,7 @@ def export_onnx(directory: str | Path, out: str | Path, check: bool = True) -> E
         atomic_write(out, blob)
         write_json(vocab_path, "onnx-vocab", words=trained.vocab.words[2:], first_word_id=2, pad_id=0, unk_id=1,
                    max_len=trained.config.max_len,
-                   tokenizer="rnnmath.data.tokenize: see the README section 'Tokens' for the rule")
+                   tokenizer="rnnmath.data.tokenize: see the README section 'Tokenizer' for the rule")
         write_json(labels_path, "onnx-labels", labels=trained.labels)
     except OSError as e:
         raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None

@@ -28,12 +28,22 @@ Word-by-word reading of the classifier
   says what the model would answer had the sentence ended after word t.
 * ``grad_norm``: ‖∂L/∂h_t‖ per layer and direction with L = −log p(predicted class), and ``jacobian_norm``
   ‖∂h_T/∂h_t‖_F.
-* ``attribution``: per word, ``grad_x_input`` — ∂ log p(predicted class)/∂x_t[id_t], the gradient with
-  respect to the one-hot input x_t picked at the word's id, which is gradient × input since x_t is 1 there
-  and 0 elsewhere; equivalently (∂ log p/∂r_t)·r_t for the looked-up row r_t = W_ih[:, id_t] (summed over
-  both directions of a bidirectional model) — and ``occlusion`` — p(predicted | sentence) −
-  p(predicted | the word replaced by UNK). Positive values support the prediction, negative ones speak
-  against it.
+* ``attribution``: per word, three methods, all on the **log-odds** of the predicted class c,
+  F = log p_c − log(1 − p_c) = log p_c − log Σ_{j≠c} p_j (for two classes, the difference of the two
+  logits). The log-odds do not saturate: at p_c = 0.999999 a word that moves the logit by 2 still moves F
+  by 2, while it moves p_c by about 1e-6 and log p_c by about 2e-6, which reads as "no word mattered".
+
+  - ``grad_x_input``: ∂F/∂x_t[id_t], the gradient with respect to the one-hot input x_t picked at the
+    word's id, which is gradient × input since x_t is 1 there and 0 elsewhere; equivalently (∂F/∂r_t)·r_t
+    for the looked-up row r_t = W_ih[:, id_t] (summed over both directions of a bidirectional model).
+  - ``integrated_gradients`` (Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks", ICML
+    2017): IG_t = ∫₀¹ ∂F(α x)/∂x_t[id_t] dα, the gradient along the straight path from the baseline x' = 0
+    (every word's one-hot vector zeroed: the layer sees only its biases, for the same length) to the input,
+    by the midpoint rule with ``IG_STEPS`` points. Completeness: Σ_t IG_t = F(x) − F(0) up to the
+    quadrature error; ``Reading.log_odds`` and ``Reading.baseline_log_odds`` hold the two ends.
+  - ``occlusion``: F(sentence) − F(the word replaced by UNK).
+
+  Positive values support the prediction, negative ones speak against it.
 """
 
 from __future__ import annotations
@@ -146,7 +156,9 @@ class Reading:
     predicted: int
     grad_norm: dict[str, Tensor]  # 'layer 1 forward' -> (T,)
     jacobian_norm: dict[str, Tensor]  # 'layer 1 forward' -> (T,)
-    attribution: dict[str, Tensor]  # 'grad_x_input', 'occlusion' -> (T,)
+    attribution: dict[str, Tensor]  # 'integrated_gradients', 'grad_x_input', 'occlusion' -> (T,), on F
+    log_odds: float = math.nan  # F(x): log-odds of the predicted class for the sentence
+    baseline_log_odds: float = math.nan  # F(0): the same with every word's input zeroed (IG's baseline)
     states: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # 'layer 1 forward' -> {h, c, gates} (T, H)
     cell: str = ""
 
@@ -166,6 +178,9 @@ class Reading:
             "grad_norm": {name: floats(v) for name, v in self.grad_norm.items()},
             "jacobian_norm": {name: floats(v) for name, v in self.jacobian_norm.items()},
             "attribution": {name: floats(v) for name, v in self.attribution.items()},
+            "attribution_target": "log-odds of the predicted class",
+            "log_odds": round(self.log_odds, 6),
+            "baseline_log_odds": round(self.baseline_log_odds, 6),
         }
 
 
@@ -176,26 +191,57 @@ def prefix_probabilities(model: nn.Module, ids: Tensor) -> Tensor:
     return model(prefixes, torch.arange(1, T + 1)).exp()  # (T, C)
 
 
+IG_STEPS = 64  # midpoint-rule points of integrated gradients; the completeness error shrinks as 1/steps²
+
+
+def log_odds(log_p: Tensor, target: int) -> Tensor:
+    """F = log p_target − log Σ_{j≠target} p_j (..., ) from log-probabilities (..., C): the log-odds of
+    ``target``, computed from the log-probabilities without forming 1 − p (no cancellation near p = 1)."""
+    others = torch.cat([log_p[..., :target], log_p[..., target + 1:]], dim=-1)  # (..., C-1)
+    return log_p[..., target] - torch.logsumexp(others, dim=-1)
+
+
 def occlusion(model: nn.Module, ids: Tensor, target: int, unk: int = 1) -> Tensor:
-    """p(target | sentence) − p(target | word t replaced by the id `unk`), for each word t: (T,)."""
+    """F(sentence) − F(word t replaced by the id `unk`) for each word t (T,), F the log-odds of target."""
     T = ids.shape[0]
     batch = ids.unsqueeze(0).repeat(T + 1, 1)  # (T+1, T): row 0 intact, row t+1 without word t
     batch[torch.arange(1, T + 1), torch.arange(T)] = unk
-    p = model(batch, torch.full((T + 1,), T)).exp()[:, target]  # (T+1,)
-    return p[0] - p[1:]
+    f = log_odds(model(batch, torch.full((T + 1,), T)), target)  # (T+1,)
+    return f[0] - f[1:]
+
+
+def _one_hot(model: nn.Module, ids: Tensor, vocab_size: int) -> Tensor:
+    """The sentence as one-hot float vectors (T, V) in the model's dtype: the layer's projection x W_ihᵀ picks
+    the same row of W_ih that the token-id lookup picks, and autograd can differentiate with respect to x."""
+    return F.one_hot(ids, vocab_size).to(next(model.parameters()).dtype)
 
 
 def grad_x_input(model: nn.Module, ids: Tensor, target: int, vocab_size: int) -> Tensor:
-    """∂ log p(target)/∂x_t[id_t] for each word t (T,): the gradient with respect to the one-hot input x_t,
-    picked at the word's id (= gradient × input, as the input is 1 there and 0 elsewhere).
-
-    The one-hot input goes through the same layer as float vectors (its projection x W_ihᵀ picks the same
-    row of W_ih that the token-id lookup picks), so autograd can differentiate with respect to it."""
-    dtype = next(model.parameters()).dtype
-    x = F.one_hot(ids, vocab_size).to(dtype).unsqueeze(0).requires_grad_(True)  # (1, T, V)
-    log_p = model(x, torch.tensor([ids.shape[0]]))[0, target]
-    (g,) = torch.autograd.grad(log_p, x)
+    """∂F/∂x_t[id_t] for each word t (T,), F the log-odds of ``target``: the gradient with respect to the
+    one-hot input x_t, picked at the word's id (= gradient × input, as the input is 1 there and 0 elsewhere)."""
+    x = _one_hot(model, ids, vocab_size).unsqueeze(0).requires_grad_(True)  # (1, T, V)
+    f = log_odds(model(x, torch.tensor([ids.shape[0]]))[0], target)
+    (g,) = torch.autograd.grad(f, x)
     return g[0].gather(1, ids.unsqueeze(1)).squeeze(1)  # (T,)
+
+
+def integrated_gradients(model: nn.Module, ids: Tensor, target: int, vocab_size: int, steps: int = IG_STEPS,
+                         chunk: int = 16) -> tuple[Tensor, float, float]:
+    """Integrated gradients of the log-odds F of ``target`` from the zero baseline (see the module docstring):
+    IG (T,), F(x) and F(0). Midpoint rule over α = (k + ½)/steps, k = 0 … steps−1, ``chunk`` points a batch."""
+    T = ids.shape[0]
+    x = _one_hot(model, ids, vocab_size)  # (T, V)
+    total = torch.zeros(T, dtype=x.dtype)  # (T,)
+    alphas = (torch.arange(steps, dtype=x.dtype) + 0.5) / steps  # (S,)
+    for start in range(0, steps, chunk):
+        a = alphas[start : start + chunk]
+        path = (a.view(-1, 1, 1) * x).requires_grad_(True)  # (S', T, V)
+        f = log_odds(model(path, torch.full((len(a),), T)), target)  # (S',)
+        (g,) = torch.autograd.grad(f.sum(), path)
+        total += g.gather(2, ids.view(1, T, 1).expand(len(a), T, 1)).squeeze(2).sum(0)
+    with torch.no_grad():
+        ends = log_odds(model(torch.stack([x, torch.zeros_like(x)]), torch.full((2,), T)), target)  # (2,)
+    return total / steps, float(ends[0]), float(ends[1])
 
 
 def read_sentence(trained, text: str, jacobian: bool = True) -> Reading:
@@ -207,7 +253,8 @@ def read_sentence(trained, text: str, jacobian: bool = True) -> Reading:
     model.eval()
     words = tokenize(text)[: config.max_len]
     if not words:
-        raise UserError(f"the text {text!r} has no words (the tokenizer keeps runs of a-z, 0-9 and ')")
+        raise UserError(f"the text {text!r} has no words (the tokenizer keeps letters, digits and ' of any "
+                        "script; see README 'Tokenizer')")
     ids = torch.tensor(vocab.ids(" ".join(words)))  # (T,)
     one = (ids.unsqueeze(0), torch.tensor([len(words)]))  # (1, T), (1,)
     with torch.no_grad():
@@ -220,6 +267,7 @@ def read_sentence(trained, text: str, jacobian: bool = True) -> Reading:
     jac = jacobian_flow(model.rnn, lambda: model(*one)) if jacobian else None
     with torch.no_grad():
         occ = occlusion(model, ids, predicted, vocab.index[UNK])
+    ig, f_x, f_0 = integrated_gradients(model, ids, predicted, len(vocab))
     return Reading(
         text=text,
         tokens=words,
@@ -229,7 +277,10 @@ def read_sentence(trained, text: str, jacobian: bool = True) -> Reading:
         predicted=predicted,
         grad_norm={key_name(*key): v[:, 0] for key, v in flow.norms.items()},
         jacobian_norm={key_name(*key): v[:, 0] for key, v in jac.norms.items()} if jac else {},
-        attribution={"grad_x_input": grad_x_input(model, ids, predicted, len(vocab)).detach(), "occlusion": occ},
+        attribution={"integrated_gradients": ig.detach(),
+                     "grad_x_input": grad_x_input(model, ids, predicted, len(vocab)).detach(), "occlusion": occ},
+        log_odds=f_x,
+        baseline_log_odds=f_0,
         states=states,
         cell=config.cell,
     )

@@ -19,14 +19,17 @@ here compute the same thing faster and the tests hold them equal. Three things m
   unchanged and the output is zero, exactly as in ``scan``; in the backward pass the candidate state gets no
   gradient there and the carried gradient passes straight through.
 
-Limit: the backward pass is not itself differentiable: a backward with ``create_graph=True`` (double
-backward, gradient penalties) raises a RuntimeError rather than silently miss terms. The readable path
-supports it: set ``layer.fast = False``.
+Higher-order and batched gradients: the hand-derived backward is first order only. When the backward pass
+itself is recorded (``create_graph=True``: double backward, gradient penalties, ``gradgradcheck``) or runs
+under a torch.func transform (``is_grads_batched=True`` vmaps it), each Function instead differentiates the
+readable loop (``cell.step``) replayed from its saved inputs (:func:`_replay_backward`): the gradients it
+returns are then themselves differentiable, with the same values. The plain first-order backward (training)
+never takes that branch. The replay needs the input projection xw: a layer passes ``xw_again``, a function
+that recomputes it from the layer's input (which autograd keeps anyway), so nothing more is kept in memory;
+called without it, a Function keeps xw itself.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import Tensor
@@ -38,22 +41,60 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 
-def first_order_only(backward):
-    """Refuse to build a graph of the backward pass (create_graph=True): it would silently miss terms."""
+def _needs_replay(grads) -> bool:
+    """True when the backward pass is itself recorded (create_graph=True), runs under a torch.func transform,
+    or gets batched gradients (``is_grads_batched=True`` vmaps it): there the hand-derived, in-place backward
+    cannot serve."""
+    return (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+            or any(torch._C._functorch.is_legacy_batchedtensor(g) for g in grads))
 
-    @functools.wraps(backward)
-    def checked(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError("the fast path of rnnmath's layers has no double backward (create_graph=True): "
-                               "set `layer.fast = False` to use the readable loop, which has one")
-        return backward(ctx, *grads)
 
-    return checked
+def _replay_backward(ctx, xw: Tensor | None, state: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
+                     mask: Tensor | None, grads: tuple) -> list:
+    """Gradients of the Function's inputs (xw, *state, W_hh, b_hh) by differentiating the readable loop.
+
+    With create_graph the saved tensors keep their graph, so the gradients returned are differentiable
+    functions of the inputs and of ``grads`` (double backward); otherwise detached copies are used.
+    xw is None when the layer gave ``ctx.xw_again`` to recompute it (differentiably, from the layer's input).
+    """
+    from .layers import scan  # the readable loop; imported here because layers imports this module
+
+    cell = ctx.cell
+    create_graph = torch.is_grad_enabled()
+    if xw is None:
+        with torch.set_grad_enabled(create_graph), torch.autocast(weight_hh.device.type, enabled=False):
+            xw = ctx.xw_again()
+    inputs = [xw, *state, weight_hh, bias_hh]
+    needs = ctx.needs_input_grad[: len(inputs)]
+    with torch.enable_grad():
+        if not create_graph:
+            inputs = [t if t is None else t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+        xw_, *rest = inputs
+        state_, (w, b) = cell.State(*rest[: len(state)]), rest[len(state):]
+        output, last = scan(cell, {"weight_hh": w, "bias_hh": b}, xw_, state_, mask)
+        wrt = [t for t, n in zip(inputs, needs) if n]
+        found = iter(torch.autograd.grad([output, *last], wrt, grads, create_graph=create_graph,
+                                         allow_unused=True, materialize_grads=True))
+    return [next(found) if n else None for n in needs]
+
+
+def _step_buffer(T: int, B: int, n: int, like: Tensor) -> Tensor:
+    """An empty (T, B, n) buffer whose every step [t] is contiguous and starts on a 64-byte boundary.
+
+    The h_t written here are the next step's operand of a matrix product, and on some CPUs (measured on an
+    AVX-512 AMD EPYC) a product's rounding depends on its operand's alignment. The readable loop's h_t are
+    fresh tensors (64-byte aligned by torch's allocator); a plain (T, B, n) buffer's steps are aligned only when
+    B·n is a multiple of 16 floats, so the steps are padded to that, keeping the two paths bitwise equal.
+    """
+    per_step = B * n
+    unit = max(1, 64 // like.element_size())
+    stride = -(-per_step // unit) * unit
+    return like.new_empty(T, stride)[:, :per_step].view(T, B, n)
 
 
 def _plus_bias(xw: Tensor, bias: Tensor | None) -> Tensor:
-    """x_t + b_hh for all steps at once, in a fresh contiguous buffer the forward pass then writes into."""
-    out = torch.empty(xw.shape, dtype=xw.dtype, device=xw.device)  # (T, B, G)
+    """x_t + b_hh for all steps at once, in a fresh step-aligned buffer the forward pass then writes into."""
+    out = _step_buffer(*xw.shape, xw)  # (T, B, G)
     return out.copy_(xw) if bias is None else torch.add(xw, bias, out=out)
 
 
@@ -90,7 +131,7 @@ class _RNNScan(torch.autograd.Function):
     """h_t = act(x_t + b_hh + h_{t-1} W_hhᵀ) over all t, with act tanh or relu."""
 
     @staticmethod
-    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, relu: bool):
+    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, relu: bool, cell, xw_again):
         T = xw.shape[0]
         hs = _plus_bias(xw, bias_hh)  # (T, B, H): x_t + b_hh, then h_t in place
         w_t = weight_hh.t()
@@ -102,15 +143,17 @@ class _RNNScan(torch.autograd.Function):
             if mask is not None:
                 torch.where(keep[t], a, h, out=a)
             h = a
-        ctx.save_for_backward(hs, h0, weight_hh, mask)
-        ctx.relu, ctx.has_bias = relu, bias_hh is not None
+        ctx.save_for_backward(hs, h0, weight_hh, mask, xw if xw_again is None else None, bias_hh)
+        ctx.relu, ctx.has_bias, ctx.cell, ctx.xw_again = relu, bias_hh is not None, cell, xw_again
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone()
 
     @staticmethod
-    @first_order_only
     def backward(ctx, grad_output, grad_hn):
-        hs, h0, weight_hh, mask = ctx.saved_tensors
+        hs, h0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
+        if _needs_replay((grad_output, grad_hn)):
+            return (*_replay_backward(ctx, xw, (h0,), weight_hh, bias_hh, mask, (grad_output, grad_hn)), None, None,
+                    None, None)
         T = hs.shape[0]
         keep, drop = _steps(mask, T)
         grad_output = _masked_grad(grad_output, mask)
@@ -133,7 +176,7 @@ class _RNNScan(torch.autograd.Function):
             else:
                 torch.where(keep[t], torch.mm(dG_[t], weight_hh, out=back), dh, out=dh)
         dW, db = _weight_grads(ctx, dG, h0, hs, 2)
-        return dG, dh if ctx.needs_input_grad[1] else None, dW, db, None, None
+        return dG, dh if ctx.needs_input_grad[1] else None, dW, db, None, None, None, None
 
 
 class _LSTMScan(torch.autograd.Function):
@@ -154,11 +197,11 @@ class _LSTMScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xw, h0, c0, weight_hh, bias_hh, mask):
+    def forward(ctx, xw, h0, c0, weight_hh, bias_hh, mask, cell, xw_again):
         T, B, G = xw.shape
         H = G // 4
         gates = _plus_bias(xw, bias_hh)  # (T, B, 4H): x_t + b_hh, then the activated gates in place
-        hs = xw.new_empty(T, B, H)  # (T, B, H)
+        hs = _step_buffer(T, B, H, xw)  # (T, B, H), each step aligned: it is the next step's operand
         cs = xw.new_empty(T, B, H)  # (T, B, H)
         fc, ig = xw.new_empty(B, H), xw.new_empty(B, H)  # (B, H) scratch for f ⊙ c and i ⊙ g
         w_t = weight_hh.t()
@@ -180,15 +223,17 @@ class _LSTMScan(torch.autograd.Function):
                 torch.where(keep[t], c_t, c, out=c_t)
                 torch.where(keep[t], h_t, h, out=h_t)
             h, c = h_t, c_t
-        ctx.save_for_backward(gates, hs, cs, h0, c0, weight_hh, mask)
-        ctx.has_bias = bias_hh is not None
+        ctx.save_for_backward(gates, hs, cs, h0, c0, weight_hh, mask, xw if xw_again is None else None, bias_hh)
+        ctx.has_bias, ctx.cell, ctx.xw_again = bias_hh is not None, cell, xw_again
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone(), c.clone()
 
     @staticmethod
-    @first_order_only
     def backward(ctx, grad_output, grad_hn, grad_cn):
-        gates, hs, cs, h0, c0, weight_hh, mask = ctx.saved_tensors
+        gates, hs, cs, h0, c0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
+        grads = (grad_output, grad_hn, grad_cn)
+        if _needs_replay(grads):
+            return (*_replay_backward(ctx, xw, (h0, c0), weight_hh, bias_hh, mask, grads), None, None, None)
         T, B, G = gates.shape
         H = G // 4
         keep, _ = _steps(mask, T)
@@ -232,18 +277,19 @@ class _LSTMScan(torch.autograd.Function):
         dW, db = _weight_grads(ctx, dG, h0, hs, 3)
         dh0 = dh if ctx.needs_input_grad[1] else None
         dc0 = dc if ctx.needs_input_grad[2] else None
-        return dG, dh0, dc0, dW, db, None
+        return dG, dh0, dc0, dW, db, None, None, None
 
 
 class _GRUScan(torch.autograd.Function):
     """r, z = σ(x_{r,z} + h W_{h r,z}ᵀ + b_{h r,z}); n = tanh(x_n + r (h W_hnᵀ + b_hn)); h' = (1 − z) n + z h."""
 
     @staticmethod
-    def forward(ctx, xw, h0, weight_hh, bias_hh, mask):
+    def forward(ctx, xw, h0, weight_hh, bias_hh, mask, cell, xw_again):
         T, B, G = xw.shape
         H = G // 3
         hh = xw.new_empty(T, B, G)  # (T, B, 3H): h_{t-1} W_hhᵀ + b_hh, kept for the backward pass
-        r, z, n, hs = (xw.new_empty(T, B, H) for _ in range(4))  # (T, B, H) each, contiguous per step
+        r, z, n = (xw.new_empty(T, B, H) for _ in range(3))  # (T, B, H) each, contiguous per step
+        hs = _step_buffer(T, B, H, xw)  # (T, B, H), each step aligned: it is the next step's operand
         u, v = xw.new_empty(B, H), xw.new_empty(B, H)  # (B, H) scratch
         w_t = weight_hh.t()
         x_r, x_z, x_n = _per_step(xw.chunk(3, dim=2))
@@ -264,15 +310,17 @@ class _GRUScan(torch.autograd.Function):
             if mask is not None:
                 torch.where(keep[t], h_t, h, out=h_t)
             h = h_t
-        ctx.save_for_backward(hh, r, z, n, hs, h0, weight_hh, mask)
-        ctx.has_bias = bias_hh is not None
+        ctx.save_for_backward(hh, r, z, n, hs, h0, weight_hh, mask, xw if xw_again is None else None, bias_hh)
+        ctx.has_bias, ctx.cell, ctx.xw_again = bias_hh is not None, cell, xw_again
         output = hs if mask is None else hs.masked_fill(~mask, 0.0)  # (T, B, H)
         return output, h.clone()
 
     @staticmethod
-    @first_order_only
     def backward(ctx, grad_output, grad_hn):
-        hh, r, z, n, hs, h0, weight_hh, mask = ctx.saved_tensors
+        hh, r, z, n, hs, h0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
+        if _needs_replay((grad_output, grad_hn)):
+            return (*_replay_backward(ctx, xw, (h0,), weight_hh, bias_hh, mask, (grad_output, grad_hn)), None, None,
+                    None)
         T, B, G = hh.shape
         H = G // 3
         keep, drop = _steps(mask, T)
@@ -308,7 +356,7 @@ class _GRUScan(torch.autograd.Function):
                 new = torch.addmm(torch.mul(dh, z[t], out=u), dhh_[t], weight_hh, out=back)
                 torch.where(keep[t], new, dh, out=dh)
         dW, db = _weight_grads(ctx, dhh, h0, hs, 2)
-        return dx, dh if ctx.needs_input_grad[1] else None, dW, db, None
+        return dx, dh if ctx.needs_input_grad[1] else None, dW, db, None, None, None
 
 
 def _empty_scan(xw: Tensor, state, hidden_size: int):
@@ -316,28 +364,31 @@ def _empty_scan(xw: Tensor, state, hidden_size: int):
     return xw.new_zeros(0, xw.shape[1], hidden_size), state
 
 
-def rnn_scan(p: dict, xw: Tensor, state, mask: Tensor | None, nonlinearity: str = "tanh"):
-    """The Elman RNN's time loop; same contract as :func:`rnnmath.layers.scan`."""
+def rnn_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell, xw_again=None):
+    """The Elman RNN's time loop; same contract as :func:`rnnmath.layers.scan`. ``cell`` (an RNNCell) gives
+    the nonlinearity and the step a double backward differentiates; ``xw_again()`` recomputes xw for it
+    (without it xw is kept)."""
     H = p["weight_hh"].shape[1]
     if xw.shape[0] == 0:
         return _empty_scan(xw, state, H)
-    output, h = _RNNScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, nonlinearity == "relu")
+    output, h = _RNNScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, cell.nonlinearity == "relu", cell,
+                               xw_again)
     return output, type(state)(h)
 
 
-def lstm_scan(p: dict, xw: Tensor, state, mask: Tensor | None):
-    """The LSTM's time loop; same contract as :func:`rnnmath.layers.scan`."""
+def lstm_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell, xw_again=None):
+    """The LSTM's time loop (no projection); same contract as :func:`rnnmath.layers.scan`."""
     H = p["weight_hh"].shape[1]
     if xw.shape[0] == 0:
         return _empty_scan(xw, state, H)
-    output, h, c = _LSTMScan.apply(xw, state.h, state.c, p["weight_hh"], p["bias_hh"], mask)
+    output, h, c = _LSTMScan.apply(xw, state.h, state.c, p["weight_hh"], p["bias_hh"], mask, cell, xw_again)
     return output, type(state)(h, c)
 
 
-def gru_scan(p: dict, xw: Tensor, state, mask: Tensor | None):
+def gru_scan(p: dict, xw: Tensor, state, mask: Tensor | None, cell, xw_again=None):
     """The GRU's time loop; same contract as :func:`rnnmath.layers.scan`."""
     H = p["weight_hh"].shape[1]
     if xw.shape[0] == 0:
         return _empty_scan(xw, state, H)
-    output, h = _GRUScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask)
+    output, h = _GRUScan.apply(xw, state.h, p["weight_hh"], p["bias_hh"], mask, cell, xw_again)
     return output, type(state)(h)

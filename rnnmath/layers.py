@@ -5,15 +5,17 @@ Shape letters: T time, B batch, I input, H hidden, G gate rows, D directions (1 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .cells import Cell, GRUCell, LSTMCell, RNNCell
+from .cells import TOKEN_ID_DTYPES, Cell, GRUCell, LSTMCell, RNNCell
 
 
 def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -54,11 +56,17 @@ def scan(cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, h_mask:
         if cell._recorder is not None:
             cell._recorder.end_step(state)
     if not outputs:
-        return xw.new_zeros(0, xw.shape[1], cell.hidden_size), state
+        return xw.new_zeros(0, xw.shape[1], cell.output_size), state
     output = torch.stack(outputs)  # (T, B, H)
     if mask is not None:
         output = output.masked_fill(~mask, 0.0)
     return output, state
+
+
+def _projection(cell: Cell, p: dict, layer_input: Tensor, d: int, lengths: Tensor | None) -> Tensor:
+    """The input projection of every step for direction d (the reverse one reversed within each length)."""
+    xw = cell.project(p, layer_input)  # (T, B, G)
+    return reverse_padded(xw, lengths) if d == 1 else xw
 
 
 def _zoneout(new, old, z: float, training: bool):
@@ -101,10 +109,18 @@ class Recurrent(nn.Module):
     * ``hx``: the initial state, (L·D, B, H) per state field — a tensor, or a tuple (h_0, c_0) for an LSTM.
     * ``lengths``: (B,) true lengths of padded input. Outputs past a sequence's length are zero; ``h_n`` holds
       each sequence's state at its true last step, and the reverse direction starts at its true last token.
-      A length of 0 returns the initial state.
+      A length of 0 returns the initial state. The padded steps are zeroed before anything reads them, so
+      whatever they hold (NaN, inf) reaches no output, state or gradient. Under ``torch.func.vmap`` over
+      unbatched samples, ``lengths`` may be a 0-d tensor per sample (per-sample gradients).
 
     Returns ``(output, h_n)``, with ``h_n`` a tuple ``(h_n, c_n, ...)`` when the cell's state has several
-    fields; output is (T, B, D·H).
+    fields; output is (T, B, D·H). With ``proj_size`` P (LSTM cells) h is projected: output (T, B, D·P),
+    h_n (L·D, B, P), c_n (L·D, B, H), parameters ``weight_hr_l{k}[_reverse]`` (P, H), as torch.nn.LSTM.
+
+    Errors are torch.nn's exception types (TypeError/ValueError for constructor arguments, ValueError for
+    the input's rank or dtype, RuntimeError for input size, hx shape or dtype), and ``torch.jit.trace``
+    is refused (a trace would fix the number of steps); docs/compatibility.md lists what holds.
+    Under ``torch.autocast`` the layer runs in the precision torch.nn's layer of the same kind would.
 
     Regularisers beyond torch.nn, for any cell (keyword-only, off by default; with both at 0 nothing runs):
 
@@ -118,7 +134,8 @@ class Recurrent(nn.Module):
       the expectation ``s_t = (1 − z) ⊙ step(s_{t−1}) + z ⊙ s_{t−1}``: so zoneout is *not* the identity in
       evaluation, and a model trained with it must be evaluated with it.
 
-    While either is active the readable loop runs (a cell's ``fast_scan`` knows nothing of them).
+    While either is active the readable loop runs (a cell's ``fast_scan`` knows nothing of them); see
+    :meth:`_path` for the whole rule.
     """
 
     def __init__(
@@ -134,20 +151,25 @@ class Recurrent(nn.Module):
         device=None,
         dtype=None,
         *,
+        proj_size: int = 0,
         recurrent_dropout: float = 0.0,
         zoneout: float = 0.0,
         **cell_kwargs,
     ) -> None:
         super().__init__()
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
-        if not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size)
+        if proj_size and not getattr(cell, "supports_proj_size", False):
+            raise ValueError(f"proj_size argument is only supported for LSTM, not {cell.__name__} "
+                             "(a cell with supports_proj_size = True)")
         for flag, value in (("recurrent_dropout", recurrent_dropout), ("zoneout", zoneout)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
                 raise ValueError(f"{flag} must be a number in [0, 1), got {value!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                          stacklevel=2 if type(self).__init__ is Recurrent.__init__ else 3)  # the caller's line
+        if proj_size:
+            cell_kwargs["proj_size"] = proj_size
         self.recurrent_dropout = float(recurrent_dropout)
         self.zoneout = float(zoneout)
         self.cell_class = cell
@@ -157,14 +179,15 @@ class Recurrent(nn.Module):
         self.bias = bias
         self.batch_first = batch_first
         self.dropout = float(dropout)
-        self.bidirectional = bidirectional
+        self.bidirectional = bool(bidirectional)
+        self.proj_size = proj_size
         self.num_directions = 2 if bidirectional else 1
 
         # One cell per layer carries the math; it lives on the meta device (no memory) and outside the
         # module tree, because the layer, not the cell, owns the parameters under torch.nn's names.
         cells = []
         for k in range(num_layers):
-            layer_input = input_size if k == 0 else hidden_size * self.num_directions
+            layer_input = input_size if k == 0 else cells[-1].output_size * self.num_directions
             cells.append(cell(layer_input, hidden_size, bias, device="meta", **cell_kwargs))
         self._cells = tuple(cells)
         self.fast = True  # use a cell's fast_scan when it has one; False forces the readable loop
@@ -212,6 +235,13 @@ class Recurrent(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, input, hx=None, lengths: Tensor | None = None):
+        if torch.jit.is_tracing() and not _is_exporting():
+            raise RuntimeError(
+                f"torch.jit.trace cannot record rnnmath.{type(self).__name__}: the loop over time would be unrolled "
+                "to the traced length and give silently wrong shapes at any other length; run the module "
+                "eagerly, or use torch.compile / torch.export"
+            )
+        name = type(self).__name__
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
@@ -220,23 +250,45 @@ class Recurrent(nn.Module):
         else:
             x = input
         ids = not x.is_floating_point()
+        if ids and x.dtype not in TOKEN_ID_DTYPES:
+            raise ValueError(f"{name}: input of dtype {x.dtype} is neither floating point nor token ids "
+                             f"(an integer dtype: {', '.join(str(t) for t in TOKEN_ID_DTYPES)})")
+        if x.dim() not in ((1, 2) if ids else (2, 3)):
+            raise ValueError(f"{name}: Expected input to be {'1D or 2D (token ids)' if ids else '2D or 3D'}, "
+                             f"got {x.dim()}D instead")
         batched = x.dim() == (2 if ids else 3)
         if not batched:
-            if x.dim() != (1 if ids else 2):
-                raise ValueError(f"expected input of 2 or 3 dimensions (token ids: 1 or 2), got {tuple(x.shape)}")
             x = x.unsqueeze(1)
-            hx = _map_state(hx, lambda s: s.unsqueeze(1))
+            hx = _unsqueeze_state(hx, name)
+            if lengths is not None and torch.as_tensor(lengths).dim() == 0:
+                lengths = torch.as_tensor(lengths).unsqueeze(0)  # one length per (vmapped) sample
         elif self.batch_first and not packed:
             x = x.transpose(0, 1)
         if not ids and x.shape[-1] != self.input_size:
-            raise ValueError(f"input.size(-1) must be equal to input_size={self.input_size}, got {x.shape[-1]}")
+            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
+                               f"Expected {self.input_size}, got {x.shape[-1]}")
         T, B = x.shape[0], x.shape[1]
+        weight = next(self.parameters())
+        compute_dtype = self._compute_dtype(x, weight)
+        if not ids and compute_dtype == weight.dtype and x.dtype != weight.dtype:
+            raise ValueError(f"{name}: input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
+                             f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
         mask = None
         if lengths is not None:
             lengths = _check_lengths(lengths, B, T)
             mask = (torch.arange(T, device=x.device).unsqueeze(1) < lengths.to(x.device)).unsqueeze(2)  # (T, B, 1)
-
-        output, h_n = self._run(x, self._initial_states(hx, B, x), lengths, mask)
+            # padding never reaches a result: 0 × NaN/inf there would poison every weight gradient, and a
+            # padding id outside the vocabulary (-1, -100) would be refused
+            x = x.masked_fill(~mask, 0.0) if not ids else x.masked_fill(~mask.squeeze(2), 0)
+        states = self._initial_states(hx, B, x)
+        if torch.is_autocast_enabled(x.device.type):
+            # the layer runs in one precision it chooses (_compute_dtype), as torch.nn's layers do
+            x = x if ids else x.to(compute_dtype)
+            states = [type(s)(*(v.to(compute_dtype) for v in s)) for s in states]
+            with torch.autocast(x.device.type, enabled=False):
+                output, h_n = self._run(x, states, lengths, mask, compute_dtype)
+        else:
+            output, h_n = self._run(x, states, lengths, mask, compute_dtype)
         if self._trace is not None:
             self._trace.finish(lengths, T, B, x.device)
 
@@ -251,7 +303,20 @@ class Recurrent(nn.Module):
             output = output.transpose(0, 1)
         return output, h_n
 
-    def _run(self, x: Tensor, states: list, lengths: Tensor | None, mask: Tensor | None):
+    def _compute_dtype(self, x: Tensor, weight: Tensor) -> torch.dtype:
+        """The precision of this call: the parameters', or under autocast what torch.nn's layer would use.
+
+        torch's CPU and CUDA autocast run ``rnn_tanh``/``rnn_relu``/``lstm`` (torch.nn.RNN and LSTM) in the
+        lower precision and leave ``gru`` (torch.nn.GRU) in the parameters' precision; a cell says which it
+        follows with ``autocast_lower_precision``. Parameters, input and hx are cast to it (differentiably).
+        """
+        device_type = x.device.type
+        if (self._cells[0].autocast_lower_precision and weight.is_floating_point()
+                and torch.is_autocast_enabled(device_type)):
+            return torch.get_autocast_dtype(device_type)
+        return weight.dtype
+
+    def _run(self, x: Tensor, states: list, lengths: Tensor | None, mask: Tensor | None, dtype: torch.dtype):
         """All layers and directions over x (T, B, ·); returns output (T, B, D·H) and h_n."""
         finals = []
         layer_input = x
@@ -259,10 +324,14 @@ class Recurrent(nn.Module):
             outputs = []
             for d in range(self.num_directions):
                 p = self.layer_params(k, d)
-                xw = cell.project(p, layer_input)  # (T, B, G): the input of every step in one product
-                if d == 1:
-                    xw = reverse_padded(xw, lengths)
-                output, state = self._scan(k, d, cell, p, xw, states[k * self.num_directions + d], mask)
+                if dtype != x.dtype or any(t is not None and t.dtype != dtype for t in p.values()):
+                    p = {n: t if t is None else t.to(dtype) for n, t in p.items()}  # autocast
+                xw = _projection(cell, p, layer_input, d, lengths)  # (T, B, G): every step's input in one product
+
+                def xw_again(cell=cell, p=p, layer_input=layer_input, d=d):  # for a double backward's replay
+                    return _projection(cell, p, layer_input, d, lengths)
+
+                output, state = self._scan(k, d, cell, p, xw, states[k * self.num_directions + d], mask, xw_again)
                 outputs.append(output if d == 0 else reverse_padded(output, lengths))
                 finals.append(state)
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (T, B, D·H)
@@ -271,12 +340,11 @@ class Recurrent(nn.Module):
         h_n = [torch.stack(field) for field in zip(*finals)]  # per state field: (L·D, B, H)
         return layer_input, h_n[0] if len(h_n) == 1 else tuple(h_n)
 
-    def _scan(self, k: int, d: int, cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None):
-        """Run one layer and direction over time: the readable loop `scan`, which is the specification, or a
-        cell's `fast_scan` (proven equal to it by the tests) when the cell has one and nothing looks inside."""
+    def _scan(self, k: int, d: int, cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None, xw_again=None):
+        """Run one layer and direction over time on the path :meth:`_path` chooses."""
         regularise = {}
         if self.recurrent_dropout and self.training:
-            h_mask = F.dropout(xw.new_ones(xw.shape[1], cell.hidden_size), self.recurrent_dropout)  # (B, H)
+            h_mask = F.dropout(xw.new_ones(xw.shape[1], cell.output_size), self.recurrent_dropout)  # (B, H)
             regularise.update(h_mask=h_mask)
         if self.zoneout:
             regularise.update(zoneout=self.zoneout, training=self.training)
@@ -290,33 +358,63 @@ class Recurrent(nn.Module):
                 return scan(cell, p, xw, state, mask, **regularise)
             finally:
                 cell._recorder = None
-        fast_scan = getattr(cell, "fast_scan", None)
-        # autograd.Function fast paths run neither under torch.func transforms (no setup_context/vmap rule)
-        # nor under torch.compile (out= kernels); there the readable loop, which both handle, runs instead
-        transformed = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-        if transformed and not cell.fast_scan_composable:
-            fast_scan = None
-        if self.fast and fast_scan is not None and not regularise:
-            return fast_scan(p, xw, state, mask)
+        if self._path(cell, regularise, (xw, *state, *(t for t in p.values() if t is not None))) == "fast":
+            if cell.fast_scan_recomputes_input:
+                return cell.fast_scan(p, xw, state, mask, xw_again=xw_again)
+            return cell.fast_scan(p, xw, state, mask)
         return scan(cell, p, xw, state, mask, **regularise)
 
+    def _path(self, cell: Cell, regularise: dict, tensors) -> str:
+        """Which loop runs: ``"fast"`` (the cell's ``fast_scan``) or ``"loop"`` (the readable ``scan``).
+
+        The rule, in order: the readable loop whenever something looks inside or changes the step (tracing,
+        recurrent dropout, zoneout), when ``layer.fast`` is False or the cell has no fast_scan, when inputs or
+        parameters carry forward-mode tangents (``torch.autograd.forward_ad``; the fused Functions define no
+        jvp), and under torch.func transforms or torch.compile unless the cell's fast_scan is plain
+        differentiable torch code (``fast_scan_composable``). Everything else, the default training and
+        inference call included, takes the fast path. Double backward and ``is_grads_batched`` need no
+        choice here: the fused Functions' backward replays the readable loop when asked for them
+        (:mod:`rnnmath.fused`).
+        """
+        if regularise or not self.fast or getattr(cell, "fast_scan", None) is None:
+            return "loop"
+        if cell.fast_scan_composable:  # plain torch code: runs under every transform
+            return "fast"
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return "loop"
+        dual_level = getattr(forward_ad, "_current_level", 0) >= 0  # a forward_ad.dual_level() is open
+        if dual_level and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+            return "loop"
+        return "fast"
+
     def _initial_states(self, hx, batch_size: int, x: Tensor) -> list:
-        """hx (per field (L·D, B, H)) -> one cell State per layer and direction; zeros when hx is None."""
+        """hx (per field (L·D, B, size)) -> one cell State per layer and direction; zeros when hx is None.
+
+        Errors as torch.nn's: RuntimeError for a wrong shape or dtype; hx is never broadcast over the batch.
+        """
         cell = self._cells[0]
+        name = type(self).__name__
         n = self.num_layers * self.num_directions
         like = next(self.parameters())
         if hx is None:
             zero = cell.initial_state(batch_size, like)
             return [zero] * n
         fields = (hx,) if isinstance(hx, Tensor) else tuple(hx)
-        if len(fields) != len(cell.State._fields):
+        if len(fields) != len(cell.State._fields) or not all(isinstance(f, Tensor) for f in fields):
             raise ValueError(
-                f"hx must hold {len(cell.State._fields)} tensor(s) {cell.State._fields}, got {len(fields)}"
+                f"{name}: hx must be {len(cell.State._fields)} tensor(s) {cell.State._fields} of shape "
+                f"(num_layers * num_directions, batch, size), got {len(fields)} object(s)"
             )
-        expected = (n, batch_size, self.hidden_size)
-        for name, f in zip(cell.State._fields, fields):
+        for field, f, size in zip(cell.State._fields, fields, cell.state_sizes()):
+            expected = (n, batch_size, size)
+            if f.dim() != 3:
+                raise RuntimeError(f"{name}: for batched 3-D input, hx should also be 3-D but got {f.dim()}-D tensor")
             if tuple(f.shape) != expected:
-                raise ValueError(f"expected hx field {name!r} of size {expected}, got {tuple(f.shape)}")
+                raise RuntimeError(f"{name}: Expected hidden size {expected} for hx field {field!r} "
+                                   f"(num_layers * num_directions, batch, size), got {list(f.shape)}")
+            if (f.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type)) or not f.is_floating_point():
+                raise RuntimeError(f"{name}: hx field {field!r} has dtype {f.dtype}, expected {like.dtype} "
+                                   "(the parameters' dtype)")
         return [cell.State(*(f[j] for f in fields)) for j in range(n)]
 
     def extra_repr(self) -> str:
@@ -331,6 +429,8 @@ class Recurrent(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         if self.recurrent_dropout:
             s += f", recurrent_dropout={self.recurrent_dropout}"
         if self.zoneout:
@@ -423,6 +523,45 @@ def trace(layer: Recurrent, keep_graph: bool = False) -> Iterator[Trace]:
         layer._trace = None
 
 
+def _is_exporting() -> bool:
+    """True inside torch.onnx.export (whose path through the layers is rnnmath's export code's business)."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def _unsqueeze_state(hx, name: str):
+    """hx of an unbatched call: (L·D, H) per field -> (L·D, 1, H); a batched hx there is an error, as in torch."""
+    if hx is None:
+        return None
+    for f in (hx,) if isinstance(hx, Tensor) else hx:
+        if isinstance(f, Tensor) and f.dim() != 2:
+            raise RuntimeError(f"{name}: for unbatched 2-D input, hx should also be 2-D but got {f.dim()}-D tensor")
+    return _map_state(hx, lambda s: s.unsqueeze(1))
+
+
+def _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size):
+    """torch.nn.RNNBase's checks, with its exception types: TypeError for a wrong type, ValueError for a value."""
+    for flag, value in (("bias", bias), ("batch_first", batch_first)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} should be of type bool, got: {type(value).__name__}")
+    if not isinstance(bidirectional, bool) and bidirectional not in (0, 1):
+        # torch.nn reads any truthy object as True; a string such as "False" is refused here
+        raise TypeError(f"bidirectional should be of type bool, got: {type(bidirectional).__name__}")
+    for flag, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
+                        ("proj_size", proj_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{flag} should be of type int, got: {type(value).__name__}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        raise ValueError("dropout should be a number in range [0, 1] representing the probability of an element "
+                         f"being zeroed, got {dropout!r}")
+    for flag, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be greater than zero, got {value}")
+    if proj_size < 0:
+        raise ValueError("proj_size should be a positive integer or zero to disable projections")
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size has to be smaller than hidden_size, got {proj_size} >= {hidden_size}")
+
+
 def _map_state(state, fn):
     if state is None:
         return None
@@ -435,37 +574,57 @@ def _check_lengths(lengths, batch_size: int, T: int) -> Tensor:
         raise ValueError(f"lengths must have shape ({batch_size},), got {tuple(lengths.shape)}")
     if lengths.is_floating_point() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be integers, got {lengths.dtype}")
-    # reading values is a graph break under torch.compile(fullgraph=True): compiled graphs trust lengths
-    if lengths.numel() and not torch.compiler.is_compiling() and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+    # reading values is a graph break under torch.compile(fullgraph=True) and impossible under torch.func's
+    # vmap (per-sample lengths): there the lengths are trusted
+    if (lengths.numel() and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and (int(lengths.min()) < 0 or int(lengths.max()) > T)):
         raise ValueError(f"lengths must lie in [0, {T}] (the padded length), got {lengths.tolist()}")
     return lengths.long()
 
 
 class RNN(Recurrent):
-    """Elman RNN layers, as ``torch.nn.RNN``; see :class:`Recurrent` and :class:`rnnmath.RNNCell`."""
+    """Elman RNN layers, as ``torch.nn.RNN``; see :class:`Recurrent` and :class:`rnnmath.RNNCell`.
+
+    ``proj_size`` exists for torch.nn's signature; only 0 is allowed (ValueError otherwise, as in torch).
+    """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
-                 recurrent_dropout=0.0, zoneout=0.0):
+                 proj_size=0, recurrent_dropout=0.0, zoneout=0.0):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity {nonlinearity!r}. Select from 'tanh' or 'relu'.")
         super().__init__(RNNCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, nonlinearity=nonlinearity,
+                         bidirectional, device, dtype, nonlinearity=nonlinearity, proj_size=proj_size,
                          recurrent_dropout=recurrent_dropout, zoneout=zoneout)
         self.nonlinearity = nonlinearity
+        self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"  # torch.nn's name of the kind
 
 
 class LSTM(Recurrent):
-    """LSTM layers, as ``torch.nn.LSTM`` (without proj_size); see :class:`Recurrent` and :class:`rnnmath.LSTMCell`."""
+    """LSTM layers, as ``torch.nn.LSTM``; see :class:`Recurrent` and :class:`rnnmath.LSTMCell`.
+
+    ``proj_size`` P > 0 adds torch.nn.LSTM's projection h_t = W_hr (o_t ⊙ tanh c_t) (parameters
+    ``weight_hr_l{k}[_reverse]`` (P, H)): output (T, B, D·P), h_n (L·D, B, P), c_n (L·D, B, H). These layers
+    run the readable loop (the fused LSTM has no projection).
+    """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device=None, dtype=None, *, recurrent_dropout=0.0, zoneout=0.0):
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, recurrent_dropout=0.0, zoneout=0.0):
         super().__init__(LSTMCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, recurrent_dropout=recurrent_dropout, zoneout=zoneout)
+                         bidirectional, device, dtype, proj_size=proj_size, recurrent_dropout=recurrent_dropout,
+                         zoneout=zoneout)
+        self.mode = "LSTM"
 
 
 class GRU(Recurrent):
-    """GRU layers, as ``torch.nn.GRU``; see :class:`Recurrent` and :class:`rnnmath.GRUCell`."""
+    """GRU layers, as ``torch.nn.GRU``; see :class:`Recurrent` and :class:`rnnmath.GRUCell`.
+
+    ``proj_size`` exists for torch.nn's signature; only 0 is allowed (ValueError otherwise, as in torch).
+    """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device=None, dtype=None, *, recurrent_dropout=0.0, zoneout=0.0):
+                 bidirectional=False, device=None, dtype=None, *, proj_size=0, recurrent_dropout=0.0, zoneout=0.0):
         super().__init__(GRUCell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, recurrent_dropout=recurrent_dropout, zoneout=zoneout)
+                         bidirectional, device, dtype, proj_size=proj_size, recurrent_dropout=recurrent_dropout,
+                         zoneout=zoneout)
+        self.mode = "GRU"

@@ -19,7 +19,13 @@ Model directory (every file written atomically; nothing is ever pickled)::
     vocab.json         {"format": "rnnmath-vocab", "format_version": 1, "words": [...]}  (PAD, UNK implied)
     labels.json        {"format": "rnnmath-labels", "format_version": 1, "labels": [...]}
     model.safetensors  the weights of the best epoch (by validation accuracy)
-    history.json       per-epoch loss and validation accuracy, best epoch, test metrics
+    history.json       per-epoch loss and validation accuracy, best epoch, test metrics (kept small: no
+                       confusion matrix beyond 100 classes)
+    split.json         the split record: the files read (resolved path, sha256, reader options), the
+                       1-based lines of each part (train / val / test), a fingerprint of the training data
+                       and the 64-bit keys of the training sentences (``data.sentence_key``), so that
+                       ``evaluate --split test`` re-reads exactly the held-out part and ``evaluate`` warns
+                       when evaluated sentences were trained on
     checkpoint.safetensors  the last epoch's weights, Adam state, RNG state and (in its metadata, as JSON)
                        the loop's scalars, for ``--resume``
 """
@@ -30,7 +36,8 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,101 +47,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from . import CELLS, Recurrent
-from .data import Vocabulary, atomic_write, encode
+from . import Recurrent
+from .cells import CELLS
+from .config import ACTIVATION_NAMES, POOLINGS, PRESETS, Config  # noqa: F401  (re-exported)
+from .data import Examples, Vocabulary, atomic_write, encode, read_examples, sentence_key
 from .errors import UserError
 
 FORMAT_VERSION = 1
-POOLINGS = ("last", "max", "last+max")
-ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
-
-
-def _flag(help: str, low: float | None = None, high: float | None = None, choices=None) -> Any:
-    """Field metadata from which the CLI builds a flag: help text, allowed range or choices."""
-    return {"help": help, "low": low, "high": high, "choices": choices}
-
-
-@dataclass
-class Config:
-    """Everything that defines a training run: the model, the encoding and the optimisation.
-
-    Saved with every model (config.json); each field is a ``rnnmath train`` flag (``vocab_size`` ->
-    ``--vocab-size``). The defaults are the ``default`` preset; ``PRESETS["seed"]`` is the seed's model.
-    """
-
-    cell: str = field(default="gru", metadata=_flag("recurrent cell (rnnmath.CELLS)", choices=lambda: sorted(CELLS)))
-    hidden: int = field(default=96, metadata=_flag("state size H of each direction", 1, 65536))
-    layers: int = field(default=1, metadata=_flag("stacked recurrent layers", 1, 64))
-    bidirectional: bool = field(default=True, metadata=_flag("read each sentence in both directions"))
-    pooling: str = field(default="last+max", metadata=_flag("sentence features: the state at the last word, "
-                                                             "the max over time of the states, or both",
-                                                             choices=lambda: list(POOLINGS)))
-    dense: tuple[int, ...] = field(default=(), metadata=_flag("sizes of the dense layers before the output, "
-                                                              "comma-separated (e.g. 4,6); empty for none"))
-    activation: str = field(default="tanh", metadata=_flag("activation of the dense layers",
-                                                           choices=lambda: list(ACTIVATIONS)))
-    dropout: float = field(default=0.5, metadata=_flag("dropout on the sentence features (and between layers)", 0, 1))
-    word_dropout: float = field(default=0.0, metadata=_flag("in training, replace each word by UNK with this "
-                                                             "probability", 0, 1))
-    recurrent_dropout: float = field(default=0.0, metadata=_flag("in training, drop the same units of the "
-                                                                  "recurrent state h at every step (Gal & "
-                                                                  "Ghahramani 2016)", 0, 1))
-    zoneout: float = field(default=0.0, metadata=_flag("keep each state unit's previous value with this "
-                                                        "probability at each step (Krueger et al. 2017)", 0, 1))
-    vocab_size: int = field(default=5000, metadata=_flag("the N most frequent training words kept (plus PAD "
-                                                         "and UNK)", 1, 10_000_000))
-    max_len: int = field(default=50, metadata=_flag("words kept per sentence; the rest are cut", 1, 100_000))
-    epochs: int = field(default=20, metadata=_flag("maximum training epochs", 1, 100_000))
-    batch_size: int = field(default=32, metadata=_flag("sentences per training step", 1, 1_000_000))
-    lr: float = field(default=0.003, metadata=_flag("Adam learning rate", 0, 10))
-    weight_decay: float = field(default=0.0, metadata=_flag("Adam L2 weight decay", 0, 10))
-    clip: float = field(default=1.0, metadata=_flag("clip the gradient norm to this", 0, 1e6))
-    patience: int = field(default=5, metadata=_flag("stop after this many epochs without a better "
-                                                    "validation accuracy", 1, 100_000))
-    seed: int = field(default=0, metadata=_flag("seed of the split, initialisation, dropout and data order",
-                                                0, 2**32 - 1))  # the seeds derived from it must fit 64 bits
-
-    def validate(self) -> Config:
-        """Check every field's type and range; a UserError names the flag."""
-        for f in dataclasses.fields(self):
-            value, flag, meta = getattr(self, f.name), "--" + f.name.replace("_", "-"), f.metadata
-            kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str,
-                                                              "tuple[int, ...]": tuple}[f.type]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, f.name, value)
-            if kind is tuple and isinstance(value, list):
-                value = tuple(value)
-                setattr(self, f.name, value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise UserError(f"{flag} must be of type {kind.__name__}, got {value!r}")
-            if kind is tuple and not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536
-                                         for v in value):
-                raise UserError(f"{flag} must be a list of integers from 1 to 65536, got {value!r}")
-            if kind is float and not math.isfinite(value):
-                raise UserError(f"{flag} must be a finite number, got {value!r}")
-            if meta["low"] is not None and not meta["low"] <= value <= meta["high"]:
-                raise UserError(f"{flag} must lie in [{meta['low']}, {meta['high']}], got {value!r}")
-            if meta["choices"] is not None and value not in meta["choices"]():
-                raise UserError(f"{flag} must be one of {', '.join(meta['choices']())}, got {value!r}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr!r}")
-        if self.dropout >= 1 or self.word_dropout >= 1:
-            raise UserError("--dropout and --word-dropout must be below 1")
-        if self.recurrent_dropout >= 1 or self.zoneout >= 1:
-            raise UserError("--recurrent-dropout and --zoneout must be below 1")
-        return self
-
-
-PRESETS: dict[str, Config] = {
-    # chosen on amazon + yelp (docs/quality.md): a bidirectional GRU over a larger vocabulary, the last
-    # states beside the max over time of all states, and strong dropout against 1,600 training sentences
-    "default": Config(),
-    # the seed: one-hot over 400 words (+ PAD, UNK), tanh RNN of state 3, tanh dense 4 and 6, softmax over 2
-    "seed": Config(cell="rnn", hidden=3, layers=1, bidirectional=False, pooling="last", dense=(4, 6),
-                   activation="tanh", dropout=0.0, vocab_size=400, max_len=30, epochs=60, lr=0.05,
-                   patience=15),
-}
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}  # the names are config.ACTIVATION_NAMES
 
 
 class Classifier(nn.Module):
@@ -196,8 +116,10 @@ def trim(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # -- the model directory -----------------------------------------------------------------------------------
-CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT = (
-    "config.json", "vocab.json", "labels.json", "model.safetensors", "history.json", "checkpoint.safetensors")
+CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT = (
+    "config.json", "vocab.json", "labels.json", "model.safetensors", "history.json", "checkpoint.safetensors",
+    "split.json")
+RUN_FILES = (CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT)  # what --overwrite removes
 
 
 @dataclass
@@ -396,3 +318,81 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Tra
     load_weights(model, tensors, path)
     model.to(device).eval()
     return TrainedModel(config, vocab, labels, model)
+
+
+# -- the split record --------------------------------------------------------------------------------------
+PARTS = ("train", "val", "test")
+
+
+def write_split_record(directory: Path, parts: dict[str, Examples], reader: dict[str, Any]) -> None:
+    """Write split.json: for each part (train / val / test) its file and 1-based lines, each file's resolved
+    path and sha256, the reader options (``read_examples``'s keyword arguments), the fingerprint of the
+    training texts and labels, and the sorted keys of the training sentences."""
+    files: dict[str, dict] = {}
+    record: dict[str, Any] = {}
+    for name, examples in parts.items():
+        source = examples.source
+        if source not in files:
+            path = Path(source)
+            files[source] = {"path": str(path.resolve()),
+                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None}
+        record[name] = {"file": source, "lines": list(examples.lines), "n": len(examples)}
+    train = parts["train"]
+    keys = sorted({k for k in map(sentence_key, train.texts) if k is not None})
+    document = {"format": "rnnmath-split", "format_version": FORMAT_VERSION, "parts": record, "files": files,
+                "reader": reader, "train_keys": keys,
+                "fingerprint": hashlib.sha256(json.dumps([train.texts, train.labels]).encode()).hexdigest()}
+    # compact, unlike the other JSON files: its lists grow with the data (about 25 bytes a training sentence)
+    atomic_write(directory / SPLIT, (json.dumps(document, sort_keys=True, ensure_ascii=False,
+                                                separators=(",", ":")) + "\n").encode())
+
+
+def read_split_record(directory: str | Path) -> dict | None:
+    """split.json of a model directory as written by ``write_split_record``; None if the directory has none
+    (a model trained before it existed). A damaged file is a UserError naming it."""
+    path = Path(directory) / SPLIT
+    if not path.exists():
+        return None
+    document = read_json(path, "split")
+    parts, files = document.get("parts"), document.get("files")
+    if not isinstance(parts, dict) or not isinstance(files, dict) or not isinstance(document.get("train_keys"), list) \
+            or not isinstance(document.get("reader"), dict):
+        raise UserError(f"{path}: expected \"parts\", \"files\", \"reader\" and \"train_keys\"; the model "
+                        "directory is damaged")
+    return document
+
+
+def training_overlap(record: dict, texts: Sequence[str]) -> int:
+    """How many of ``texts`` have the key of a training sentence (same tokens; see ``data.sentence_key``)."""
+    keys = set(record["train_keys"])
+    return sum(1 for text in texts if sentence_key(text) in keys)
+
+
+def held_out(directory: str | Path, part: str = "test") -> Examples:
+    """Re-read exactly the ``part`` (train / val / test) of the run in ``directory`` from its original file,
+    with the reader options of the run. UserError if the directory has no split record, the file is gone or
+    its bytes changed since training (sha256), or a recorded line is no longer a record."""
+    directory = Path(directory)
+    record = read_split_record(directory)
+    if record is None:
+        raise UserError(f"{directory} has no {SPLIT} (trained by an older rnnmath); evaluate with --data FILE")
+    entry = record["parts"].get(part)
+    if not isinstance(entry, dict):
+        raise UserError(f"{directory / SPLIT}: the run has no {part} part")
+    file = record["files"].get(entry.get("file"), {})
+    path = Path(file.get("path", ""))
+    if not path.is_file():
+        raise UserError(f"{path}: the {part} data of {directory} is no longer there; evaluate with --data FILE")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != file.get("sha256"):
+        raise UserError(f"{path} changed since {directory} was trained (sha256 {digest[:12]}..., recorded "
+                        f"{str(file.get('sha256'))[:12]}...); its {part} part cannot be recovered")
+    examples = read_examples(path, **record["reader"])
+    wanted = set(entry["lines"])
+    chosen = [i for i, line in enumerate(examples.lines) if line in wanted]
+    if len(chosen) != len(wanted):
+        raise UserError(f"{path}: {len(wanted) - len(chosen)} recorded {part} line(s) are no longer records")
+    subset = examples.subset(chosen)
+    subset.notes = examples.notes
+    return subset
+

@@ -179,8 +179,9 @@ def attribution(values: dict[str, Tensor], tokens: Sequence[str], target: str) -
     methods = list(values)
     fig = Figure(figsize=(_width(T), 2.8 * len(methods) + 0.8), layout="constrained")
     axes = fig.subplots(len(methods), 1, squeeze=False, sharex=True)[:, 0]
-    captions = {"grad_x_input": "gradient × input: ∂ log p / ∂ x_t at the word's id",
-                "occlusion": "occlusion: p − p(word replaced by UNK)"}
+    captions = {"integrated_gradients": "integrated gradients of the log-odds F, from the all-zero input",
+                "grad_x_input": "gradient × input: ∂F / ∂x_t at the word's id",
+                "occlusion": "occlusion: F − F(word replaced by UNK)"}
     for ax, method in zip(axes, methods):
         v = _array(values[method])
         ax.bar(range(T), v, color=["#2a9d4b" if x >= 0 else "#d1495b" for x in v], width=0.7)
@@ -188,7 +189,7 @@ def attribution(values: dict[str, Tensor], tokens: Sequence[str], target: str) -
         ax.set_title(captions.get(method, method), fontsize=10, loc="left")
         ax.grid(alpha=0.3, axis="y")
     _time_axis(axes[-1], T, tokens)
-    fig.suptitle(f"each word's part in predicting '{target}': green for, red against", fontsize=12)
+    fig.suptitle(f"each word's part in the log-odds F of '{target}': green for, red against", fontsize=12)
     return fig
 
 
@@ -234,6 +235,8 @@ body {{ font-family: sans-serif; max-width: 1400px; margin: 1em auto; padding: 0
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
 figcaption {{ color: #555; font-size: 0.9em; }} table {{ border-collapse: collapse; }}
 td, th {{ padding: 2px 8px; border-bottom: 1px solid #eee; text-align: right; }}
+.answer {{ font-size: 1.3em; }} .sentence {{ font-size: 1.6em; line-height: 1.8; }}
+.word {{ padding: 0 3px; border-radius: 3px; }}
 </style></head>
 <body><h1>{html.escape(title)}</h1>
 {intro_html}
@@ -279,16 +282,54 @@ def reading_figures(reading) -> list[tuple[str, str, Figure]]:
     return figures
 
 
-def write_reading_report(reading, out_dir: str | Path) -> Path:
-    """report.html and the PNGs for one sentence read by the classifier."""
+def coloured_sentence(tokens: Sequence[str], values: Sequence[float], unknown: Sequence[bool]) -> str:
+    """The words as HTML spans, green where a word supports the prediction and red where it speaks against,
+    the colour's strength proportional to |value| / max |value|; each span's title holds the value."""
+    scale = max((abs(v) for v in values if math.isfinite(v)), default=0.0) or 1.0
+    spans = []
+    for word, v, unk in zip(tokens, values, unknown):
+        strength = min(1.0, abs(v) / scale) if math.isfinite(v) else 0.0
+        rgb = (42, 157, 75) if v >= 0 else (209, 73, 91)
+        label = html.escape(word + ("*" if unk else ""))
+        spans.append(f'<span class="word" style="background: rgba({rgb[0]}, {rgb[1]}, {rgb[2]}, '
+                     f'{0.85 * strength:.2f})" title="{v:+.3f}">{label}</span>')
+    return " ".join(spans)
+
+
+def write_reading_report(reading, out_dir: str | Path, model: dict | None = None) -> Path:
+    """report.html and the PNGs for one sentence read by the classifier (a :class:`rnnmath.flow.Reading`).
+
+    The page answers first: the predicted label and its probability, then the sentence with each word coloured
+    by its integrated-gradients attribution on the log-odds of that label; then the model (``model``: its
+    ``directory``, ``cell``, ``test_accuracy``, any may be missing) and the label names; then the per-word
+    table (probabilities to 3 decimals, attributions signed to 3 decimals) and the figures."""
+    model = model or {}
     p = reading.probabilities[-1]
-    rows = [[w, *[float(x) for x in reading.probabilities[t]], float(reading.attribution["grad_x_input"][t]),
-             float(reading.attribution["occlusion"][t])] for t, w in enumerate(reading.tokens)]
-    intro = (f"<p>Sentence: <b>{html.escape(reading.text)}</b><br>Prediction: <b>"
-             f"{html.escape(reading.labels[reading.predicted])}</b> (p = {float(p[reading.predicted]):.3f}); "
-             f"cell: {html.escape(reading.cell)}.</p>"
-             + html_table(["word", *[f"p({y})" for y in reading.labels], "grad × input", "occlusion"], rows))
-    return write_report(out_dir, "rnnmath: how the network read the sentence", reading_figures(reading), intro)
+    predicted = reading.labels[reading.predicted]
+    ig = [float(v) for v in reading.attribution["integrated_gradients"]]
+    accuracy = model.get("test_accuracy")
+    facts = [f"model <code>{html.escape(str(model['directory']))}</code>" if model.get("directory") else None,
+             f"cell {html.escape(reading.cell.upper())}",
+             f"test accuracy {accuracy:.3f}" if isinstance(accuracy, float) else "test accuracy not recorded",
+             "labels " + ", ".join(f"<b>{html.escape(y)}</b>" for y in reading.labels)]
+    intro = (
+        f'<p class="answer">Prediction: <b>{html.escape(predicted)}</b>, probability '
+        f"{float(p[reading.predicted]):.3f}, log-odds {reading.log_odds:+.3f}.</p>"
+        f'<p class="sentence">{coloured_sentence(reading.tokens, ig, reading.unknown)}</p>'
+        f"<p>Green words support <b>{html.escape(predicted)}</b>, red ones speak against it: integrated gradients "
+        f"of the log-odds of {html.escape(predicted)} (log p − log(1 − p)), which sum to its change from the "
+        f"all-zero input ({reading.baseline_log_odds:+.3f}) to the sentence ({reading.log_odds:+.3f}). Hover a "
+        "word for its value; * marks a word outside the vocabulary, read as UNK.</p>"
+        f"<p>{'; '.join(f for f in facts if f)}.</p>"
+        + html_table(["word", *[f"p({y})" for y in reading.labels], "integrated gradients", "gradient × input",
+                      "occlusion"],
+                     [[w, *[f"{float(x):.3f}" for x in reading.probabilities[t]],
+                       *[f"{float(reading.attribution[m][t]):+.3f}" for m in
+                         ("integrated_gradients", "grad_x_input", "occlusion")]]
+                      for t, w in enumerate(reading.tokens)])
+        + "<p>Probabilities are after each word: what the model would answer had the sentence ended there.</p>"
+    )
+    return write_report(out_dir, f"rnnmath inspect: why '{predicted}'", reading_figures(reading), intro)
 
 
 def write_flow_report(results, out_dir: str | Path, steps: int, forget_bias: float = 0.0) -> Path:

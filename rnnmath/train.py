@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import signal
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,12 +27,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed
+from .common import classification_metrics, format_duration  # noqa: F401  (classification_metrics re-exported)
 from .data import Examples, Vocabulary, encode, tokenize
-from .errors import UserError
+from .errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
 from .model import (
     CHECKPOINT,
     CONFIG,
     HISTORY,
+    RUN_FILES,
     WEIGHTS,
     Classifier,
     Config,
@@ -47,37 +50,7 @@ from .model import (
     write_safetensors,
 )
 
-
-class Interrupted(Exception):
-    """Ctrl-C during training: a checkpoint was saved; the message says where and how to resume."""
-
-
-# -- metrics -----------------------------------------------------------------------------------------------
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, macro F1 and the confusion matrix
-    (``confusion[i][j]``: examples of class i predicted as class j). A ratio with a zero denominator is 0."""
-    C = len(labels)
-    confusion = [[0] * C for _ in range(C)]
-    for t, p in zip(y_true, y_pred):
-        confusion[t][p] += 1
-    n = len(y_true)
-    per_class = {}
-    for c, label in enumerate(labels):
-        tp = confusion[c][c]
-        predicted = sum(confusion[r][c] for r in range(C))
-        actual = sum(confusion[c])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    return {
-        "n": n,
-        "accuracy": sum(confusion[c][c] for c in range(C)) / n if n else 0.0,
-        "macro_f1": sum(m["f1"] for m in per_class.values()) / C,
-        "per_class": per_class,
-        "labels": list(labels),
-        "confusion": confusion,
-    }
+# -- metrics: rnnmath.common.classification_metrics (re-exported here) --------------------------------
 
 
 def label_indices(examples: Examples, labels: Sequence[str]) -> Tensor:
@@ -166,10 +139,16 @@ def train(
     resume: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    on_start: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
     device: str | torch.device = "cpu",
 ) -> dict:
     """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
     directory ``out`` (see rnnmath.model) and return its history.
+
+    ``on_start(out)`` is called once a fresh run has written its description, to add files of the caller's
+    (the CLI writes split.json there). With ``overwrite`` a run already in ``out`` is replaced: its files
+    (``model.RUN_FILES``, nothing else) are removed once the new run has passed its checks.
 
     With ``resume`` the run continues from ``out``'s checkpoint: config, vocabulary and labels come from
     ``out``, and the data must be the same as before.
@@ -195,8 +174,9 @@ def train(
     else:
         if resume and not (out / CONFIG).exists():
             raise UserError(f"--resume: {out} holds no run to resume; train without --resume first")
-        if not resume and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
-            raise UserError(f"--out {out} already holds a model; pass --resume to continue it, or another --out")
+        if not resume and not overwrite and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
+            raise UserError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
+                            "replace it, or another --out")
         labels = sorted(set(train_set.labels))
         if len(labels) < 2:
             raise UserError(f"{train_set.source}: the training data has a single class {labels[0]!r}; "
@@ -209,7 +189,12 @@ def train(
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
+            if overwrite:  # only now: a mistake caught above leaves the old run whole
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
             save_description(out, config, vocab, labels)
+            if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
+                on_start(out)
     if distributed.is_main():  # the temporary files of a run killed while writing (see atomic_write)
         for litter in [*out.glob(".*.json.*.tmp"), *out.glob(".*.safetensors.*.tmp")]:
             litter.unlink(missing_ok=True)
@@ -234,6 +219,7 @@ def train(
     batches_per_epoch = math.ceil(len(y) / (config.batch_size * distributed.world_size()))
     bar = tqdm(total=config.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
                disable=not progress, unit="batch", dynamic_ncols=True, leave=False)
+    started, first_epoch = time.perf_counter(), state["epoch"]  # for the elapsed time and ETA of the log
     with _StopOnCtrlC(enabled=distributed.world_size() == 1) as ctrl_c, bar:
         while state["epoch"] < config.epochs and not state["done"]:
             epoch = state["epoch"]
@@ -252,13 +238,13 @@ def train(
                 loss = F.nll_loss(log_p, y[rows].to(device))
                 if not torch.isfinite(loss):
                     raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the loss became "
-                                    f"{loss.item()}; the last good checkpoint in {out} is kept (try a lower --lr)")
+                                    f"{loss.item()}; {_kept(out)} (try a lower --lr)")
                 optimizer.zero_grad()
                 (loss * weight).backward()  # weight 1 alone; see rnnmath.distributed for several processes
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
                 if not torch.isfinite(norm):
                     raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the gradient became "
-                                    f"{norm.item()}; the last good checkpoint in {out} is kept (try a lower --lr)")
+                                    f"{norm.item()}; {_kept(out)} (try a lower --lr)")
                 optimizer.step()
                 state["loss_sum"] += loss.item() * count
                 state["batch"] = b + 1
@@ -291,8 +277,12 @@ def train(
             distributed.barrier()
             bar.set_postfix(loss=f"{state['history'][-1]['train_loss']:.3f}", val_acc=f"{accuracy:.3f}")
             if log:
-                log(f"epoch {epoch + 1}: loss {state['history'][-1]['train_loss']:.4f}, "
-                    f"validation accuracy {accuracy:.4f}")
+                elapsed = time.perf_counter() - started
+                done_here = state["epoch"] - first_epoch
+                eta = "" if state["done"] else (
+                    f", ETA {format_duration(elapsed / done_here * (config.epochs - state['epoch']))} at most")
+                log(f"epoch {epoch + 1}/{config.epochs}: loss {state['history'][-1]['train_loss']:.4f}, "
+                    f"validation accuracy {accuracy:.4f}, elapsed {format_duration(elapsed)}{eta}")
     return _finish(state, log)
 
 
@@ -300,8 +290,16 @@ def check_finite(model: Classifier, where: str, out: Path) -> None:
     """A UserError, before anything is saved, if a weight has become NaN or infinite."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
-            raise UserError(f"training stopped at {where}: the weight {name} became non-finite; the last good "
-                            f"checkpoint in {out} is kept (try a lower --lr)")
+            raise UserError(f"training stopped at {where}: the weight {name} became non-finite; {_kept(out)} "
+                            "(try a lower --lr)")
+
+
+def _kept(out: Path) -> str:
+    """What a user has after a stop: the last good checkpoint, or (in the first epoch) nothing to resume."""
+    if (out / CHECKPOINT).exists():
+        return f"the last good checkpoint in {out} is kept"
+    return (f"no checkpoint exists yet in {out} (one is written at the end of each epoch), so there is nothing "
+            "to resume: train again")
 
 
 def _history(state: dict) -> dict:

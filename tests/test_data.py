@@ -32,8 +32,34 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
 # -- tokenizer ---------------------------------------------------------------------------------------------
 def test_tokenize_lowercases_and_keeps_apostrophes_and_digits():
     assert tokenize("Don't STOP!! It's 42x...") == ["don't", "stop", "it's", "42x"]
-    assert tokenize("café\u2028naïve\x85end") == ["caf", "na", "ve", "end"]
+    assert tokenize("café\u2028naïve\x85end") == ["café", "naïve", "end"]
     assert tokenize("") == [] and tokenize("?!  \t") == []
+
+
+@pytest.mark.parametrize("text, tokens", [
+    ("Привет, МИР!", ["привет", "мир"]),                            # Cyrillic, case-folded
+    ("Καλημέρα ΚΌΣΜΕ", ["καλημέρα", "κόσμε"]),                       # Greek
+    ("مرحبا بالعالم ١٢٣", ["مرحبا", "بالعالم", "١٢٣"]),              # Arabic letters and digits
+    ("שָׁלוֹם עולם", ["שָׁלוֹם", "עולם"]),                              # Hebrew with points (marks)
+    ("नमस्ते दुनिया", ["नमस्ते", "दुनिया"]),                              # Devanagari: vowel signs, virama
+    ("Straße ﬁne ＡＢＣ", ["strasse", "fine", "abc"]),               # casefold, NFKC ligature and width
+    ("don’t", ["don't"]),                                           # typographic apostrophe
+    ("我爱猫 ok", ["我", "爱", "猫", "ok"]),                           # Chinese: one token a character
+    ("日本語のテキストです", list("日本語のテキストです")),               # Japanese kanji and kana
+    ("ｶﾀｶﾅ", ["カ", "タ", "カ", "ナ"]),                                # halfwidth katakana, NFKC
+    ("ภาษาไทย", ["ภ", "า", "ษ", "า", "ไ", "ท", "ย"]),                 # Thai: characters
+    ("กิน", ["กิ", "น"]),                                              # a Thai mark stays on its character
+    ("abc中文def", ["abc", "中", "文", "def"]),
+])
+def test_tokenize_reads_every_script(text, tokens):
+    assert tokenize(text) == tokens
+
+
+def test_tokenize_ascii_is_the_old_rule():
+    import re
+
+    text = "It's 10/10 -- WOULD buy again!!! e-mail me@x.org; can't"
+    assert tokenize(text) == re.findall(r"[a-z0-9']+", text.lower())
 
 
 # -- headerless TSV, the UCI format ------------------------------------------------------------------------
@@ -139,6 +165,131 @@ def test_skip_bad_lines_counts_them(tmp_path):
 def test_unusable_files(tmp_path, content, message):
     with pytest.raises(UserError, match=message):
         read_examples(write(tmp_path, "x.txt", content))
+
+
+# -- layouts: label-first, fastText, column numbers, encodings ----------------------------------------------
+KIM = SHARED / "kim2014"
+needs_kim = pytest.mark.skipif(not KIM.is_dir(), reason="../shared/data/kim2014 is not present")
+
+
+def test_label_first_layout(tmp_path):
+    path = write(tmp_path, "k.txt", "1 a fine film . \n0  two spaces after the label \n3\n\n2 last\n")
+    examples = read_examples(path, "label-first")
+    assert examples.texts == ["a fine film .", "two spaces after the label", "", "last"]
+    assert examples.labels == ["1", "0", "3", "2"] and examples.lines == [1, 2, 3, 5]
+
+
+def test_fasttext_layout(tmp_path):
+    path = write(tmp_path, "f.txt", "__label__pos great  stuff\n__label__neg bad\nno label\n__label__a __label__b x\n")
+    with pytest.raises(UserError, match=r"f.txt line 3: expected one __label__<name> word, found 0"):
+        read_examples(path, "fasttext")
+    examples = read_examples(path, "fasttext", on_bad_line="skip")
+    assert examples.texts == ["great stuff", "bad"] and examples.labels == ["pos", "neg"]
+    assert examples.skipped == [3, 4]
+
+
+@pytest.mark.parametrize("name, content, fmt", [
+    ("l.tsv", "spam\tWin money now\nham\tsee you at 5\n", "tsv"),
+    ("l.csv", 'spam,"Win money, now"\nham,see you at 5\n', "csv"),
+])
+def test_column_numbers_for_files_without_header(tmp_path, name, content, fmt):
+    examples = read_examples(write(tmp_path, name, content), fmt, text_column="2", label_column=1)
+    assert examples.texts == ["Win money, now" if fmt == "csv" else "Win money now", "see you at 5"]
+    assert examples.labels == ["spam", "ham"] and examples.label_field == "column 1"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"text_column": "2"}, "both be column names .* or both be 1-based column numbers"),
+    ({"text_column": "1", "label_column": "1"}, "two different column numbers"),
+    ({"text_column": "0", "label_column": "1"}, "two different column numbers from 1"),
+    ({"text_column": "3", "label_column": "1"}, r"line 1: expected at least 3 tab-separated fields"),
+    ({"format": "jsonl", "text_column": "1", "label_column": "2"}, "apply to tsv and csv"),
+    ({"encoding": "klingon"}, "--encoding 'klingon' is not an encoding"),
+])
+def test_column_and_encoding_mistakes(tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        read_examples(write(tmp_path, "x.txt", "a\tb\n"), **kwargs)
+
+
+def test_encodings(tmp_path):
+    path = write(tmp_path, "w.txt", "1 caf\xe9 \x93great\x94\n0 bad\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"w.txt line 1: byte 0xe9 is not valid UTF-8; try --encoding auto"):
+        read_examples(path, "label-first")
+    examples = read_examples(path, "label-first", encoding="auto")
+    assert examples.texts[0] == "café \u201cgreat\u201d"
+    assert examples.notes == [f"{path} is not UTF-8 (byte 0xe9 on line 1); read it as Windows-1252"]
+    assert read_examples(path, "label-first", encoding="cp1252").texts == examples.texts
+    assert read_examples(path, "label-first", encoding="latin-1").texts[0] == "café \x93great\x94"
+    utf8 = write(tmp_path, "u.txt", "1 café\n")
+    assert read_examples(utf8, "label-first", encoding="auto").notes == []
+
+
+@needs_kim
+@pytest.mark.parametrize("name, n, counts", [
+    ("rt-polarity.all", 10662, {"0": 5331, "1": 5331}),
+    ("subj.all", 10000, {"0": 5000, "1": 5000}),
+    ("TREC.train.all", 5452, {"0": 1162, "1": 1250, "2": 86, "3": 1223, "4": 835, "5": 896}),
+    ("TREC.test.all", 500, {"0": 138, "1": 94, "2": 9, "3": 65, "4": 81, "5": 113}),
+    ("custrev.all", 3775, {"0": 1368, "1": 2407}),
+])
+def test_kim2014_files_read_as_they_are(name, n, counts):
+    examples = read_examples(KIM / name, "label-first", encoding="auto")
+    assert len(examples) == n and Counter(examples.labels) == counts
+    assert bool(examples.notes) == (name in ("rt-polarity.all", "subj.all", "TREC.train.all"))
+    if name == "rt-polarity.all":
+        assert any("\u00e9" in t for t in examples.texts)  # é from the Windows-1252 byte 0xE9
+    if name == "custrev.all":
+        assert [examples.lines[i] for i, t in enumerate(examples.texts) if not t] == [769, 1368, 3691, 3775]
+
+
+# -- a label column that is text ----------------------------------------------------------------------------
+def test_check_labels_catches_text_in_the_label_column():
+    texts = [f"sentence number {i}" for i in range(200)]
+    swapped = Examples(["ham", "spam"] * 100, texts, list(range(1, 201)), "sms.txt", label_field="column 2")
+    with pytest.raises(UserError, match=r"sms.txt: the label column 2 holds 200 distinct values in 200 rows .*"
+                                        r"columns look swapped.*--text-column/--label-column.*--max-labels"):
+        data.check_labels(swapped)
+    data.check_labels(Examples(texts, ["a", "b"] * 100, list(range(1, 201)), "ok.txt"))
+    many = Examples(texts, [str(i % 60) for i in range(200)], list(range(1, 201)), "m.txt")
+    with pytest.raises(UserError, match="60 distinct values .*more than --max-labels 50"):
+        data.check_labels(many)
+    data.check_labels(many, max_labels=60)
+    unique = Examples(texts[:40], [str(i) for i in range(40)], list(range(1, 41)), "u.txt")
+    with pytest.raises(UserError, match="most rows have a label of their own"):
+        data.check_labels(unique)
+    data.check_labels(unique, max_labels=40)  # a stated many-class task passes
+
+
+# -- CSV robustness ------------------------------------------------------------------------------------------
+def csv_rows(n: int, broken: int) -> str:
+    rows = ["text,label"] + [f"sentence {i},{i % 2}" for i in range(2, n + 2)]
+    rows[broken - 1] = f'"sentence {broken} opens a quote,1'
+    return "\n".join(rows) + "\n"
+
+
+def test_unterminated_quote_skips_one_line_and_resumes(tmp_path):
+    path = write(tmp_path, "q.csv", csv_rows(200, 61))
+    examples = read_examples(path, on_bad_line="skip")
+    assert examples.skipped == [61] and len(examples) == 199
+    assert examples.lines[58:60] == [60, 62]
+    with pytest.raises(UserError, match=r"q.csv line 61: a quoted field opens on this line and does not close"):
+        read_examples(path)
+
+
+def test_multiline_quoted_field_is_still_read(tmp_path):
+    path = write(tmp_path, "m.csv", 'text,label\n"two\nlines",1\nnext,0\n')
+    examples = read_examples(path)
+    assert examples.texts == ["two\nlines", "next"] and examples.lines == [2, 4]
+
+
+def test_csv_field_larger_than_the_csv_module_default(tmp_path):
+    review = "word " * 30_000  # 150 KB in one quoted field
+    path = write(tmp_path, "big.csv", f'text,label\n"{review}",1\nshort,0\n')
+    examples = read_examples(path)
+    assert len(examples.texts[0]) == len(review.strip()) and examples.labels == ["1", "0"]
+    import csv
+
+    assert csv.field_size_limit() == 131072  # the module's limit is restored afterwards
 
 
 def test_missing_file_and_directory(tmp_path):
@@ -279,3 +430,12 @@ def test_order_task_is_seeded_and_has_twins_with_opposite_labels():
     a, b = task.texts[index].split(" was ")[1].split(" but ")
     twin = task.texts[index].replace(f"{a} but {b}", f"{b} but {a}")
     assert task.texts[index + 1] == twin and task.labels[index + 1] != task.labels[index]
+
+
+def test_column_numbers_on_a_file_with_a_header_say_so(tmp_path):
+    path = write(tmp_path, "h.tsv", "sentiment\treview\npos\tgood\nneg\tbad\npos\tfine\n")
+    examples = read_examples(path, text_column=2, label_column=1)
+    assert examples.labels == ["sentiment", "pos", "neg", "pos"]  # read as data, as asked
+    assert examples.notes == [f"{path} line 1: its label 'sentiment' occurs on no other line, so it may be a header; "
+                              "with column numbers every line is data (name the columns instead if the file has a "
+                              "header)"]

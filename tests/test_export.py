@@ -149,7 +149,7 @@ def test_rnnmath_export_equals_predict(model_dir, tmp_path, capsys):
     assert vocab["pad_id"] == 0 and vocab["unk_id"] == 1 and vocab["first_word_id"] == 2
     texts = ["the food was good but slow", "", "not bad at all, really", "zzz unknown words only",
              "the service was slow " * 5, "good"]
-    assert main(["predict", str(model_dir), "--json", *texts]) == 0
+    assert main(["predict", "--threads", "1", "--json", str(model_dir), *texts]) == 0
     expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
     # tokenise as a program outside rnnmath would: the vocabulary file, the tokenizer, max_len, padding

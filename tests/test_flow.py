@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -245,13 +246,18 @@ def test_reading_probabilities_are_the_head_on_each_state_and_attributions_check
     assert target == int(trained.predict([text])[0].argmax())
 
     ids = torch.tensor(trained.vocab.ids(text))
-    p = trained.predict([text])[0, target]
-    for t in range(len(ids)):  # occlusion: the probability with that word replaced by UNK, run directly
-        occluded = " ".join("zzzunknown" if i == t else w for i, w in enumerate(reading.tokens))
-        expected = p - trained.predict([occluded])[0, target]
-        torch.testing.assert_close(reading.attribution["occlusion"][t], expected, rtol=1e-9, atol=1e-12)
 
-    # gradient × input: a central finite difference of log p in the one-hot entry x_t[id_t]
+    def odds(p):  # log-odds of the target from probabilities (N, C), the plain way
+        return torch.log(p[:, target]) - torch.log(1 - p[:, target])
+
+    f = odds(trained.predict([text]))[0]
+    assert reading.log_odds == pytest.approx(float(f), rel=1e-9)
+    for t in range(len(ids)):  # occlusion: the log-odds with that word replaced by UNK, run directly
+        occluded = " ".join("zzzunknown" if i == t else w for i, w in enumerate(reading.tokens))
+        expected = f - odds(trained.predict([occluded]))[0]
+        torch.testing.assert_close(reading.attribution["occlusion"][t], expected, rtol=1e-7, atol=1e-10)
+
+    # gradient × input: a central finite difference of the log-odds in the one-hot entry x_t[id_t]
     eps = 1e-6
     x = F.one_hot(ids, len(trained.vocab)).double().unsqueeze(0)  # (1, T, V)
     lengths = torch.tensor([len(ids)])
@@ -259,7 +265,7 @@ def test_reading_probabilities_are_the_head_on_each_state_and_attributions_check
         up, down = x.clone(), x.clone()
         up[0, t, ids[t]] += eps
         down[0, t, ids[t]] -= eps
-        numeric = (m(up, lengths)[0, target] - m(down, lengths)[0, target]) / (2 * eps)
+        numeric = (odds(m(up, lengths).exp()) - odds(m(down, lengths).exp()))[0] / (2 * eps)
         torch.testing.assert_close(reading.attribution["grad_x_input"][t], numeric, rtol=1e-5, atol=1e-9)
     # the one-hot input gives the same values as the token ids
     torch.testing.assert_close(m(x, lengths), m(ids.unsqueeze(0), lengths), rtol=0, atol=1e-14)
@@ -352,6 +358,36 @@ def test_inspect_command_writes_the_report_and_prints_the_numbers(tmp_path, caps
     assert {len(v) for v in numbers["attribution"].values()} == {6}
     for name in ["report.html", "probabilities.png", "states.png", "gradients.png", "attribution.png"]:
         assert (tmp_path / "out" / name).is_file()
+    assert set(numbers["attribution"]) == {"integrated_gradients", "grad_x_input", "occlusion"}
+    assert numbers["attribution_target"] == "log-odds of the predicted class"
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    answer, sentence = page.index('class="answer"'), page.index('class="sentence"')
+    assert answer < sentence < page.index("<figure")  # the answer first, then the coloured sentence, then details
+    assert f"<code>{model_dir}</code>" in page and "cell RNN" in page and "test accuracy not recorded" in page
+    assert "labels <b>negative</b>, <b>positive</b>" in page
+    assert page.count('<span class="word"') == 6
+
+
+def test_inspect_with_non_utf8_bytes_in_the_argument(tmp_path, capsys):
+    """`rnnmath inspect m $'caf\\xe9 good'`: one clear error (exit 2) naming the byte, never an internal error."""
+    trained = classifier("seed")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    trained.model.float()
+    save_description(model_dir, trained.config, trained.vocab, trained.labels)
+    save_weights(model_dir, trained.model)
+    for command in (["inspect", str(model_dir)], ["predict", str(model_dir)]):
+        argv = [*command, b"caf\xe9 good".decode("utf-8", "surrogateescape"), "--out", str(tmp_path / "r")]
+        if command[0] == "predict":
+            argv = argv[:3]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('rnnmath: error: TEXT "caf\\xe9 good" holds the byte 0xe9, which is not UTF-8')
+        assert err.count("\n") == 1
+    result = subprocess.run([sys.executable.encode(), b"-m", b"rnnmath", b"inspect", str(model_dir).encode(),
+                             b"caf\xe9 good", b"--out", str(tmp_path / "r").encode()], capture_output=True,
+                            timeout=120)
+    assert result.returncode == 2 and b"holds the byte 0xe9" in result.stderr and b"Traceback" not in result.stderr
 
 
 def test_flow_reproduces_vanishing_gradients(tmp_path, capsys):
@@ -377,3 +413,35 @@ def test_chromium_is_required_in_ci(monkeypatch):
     monkeypatch.setenv("RNNMATH_REQUIRE_CHROMIUM", "1")
     with pytest.raises(pytest.fail.Exception):
         chromium_or_skip()
+
+
+# -- attribution on the log-odds: integrated gradients ---------------------------------------------------------
+@pytest.mark.parametrize("preset, changes", [("seed", {}), ("default", {"hidden": 8})])
+def test_integrated_gradients_completeness(preset, changes):
+    """Σ_t IG_t = F(x) − F(0) (Sundararajan et al. 2017), F the log-odds: the midpoint rule's error shrinks
+    as 1/steps², so 256 points are much closer than 8."""
+    trained = classifier(preset, **changes)
+    ids = torch.tensor(trained.vocab.ids("the food was good but slow"))
+    target = int(trained.predict(["the food was good but slow"])[0].argmax())
+    errors = []
+    for steps in (8, 256):
+        ig, f_x, f_0 = flow.integrated_gradients(trained.model, ids, target, len(trained.vocab), steps=steps)
+        errors.append(abs(float(ig.sum()) - (f_x - f_0)))
+    assert errors[1] < 1e-4 * max(1.0, abs(f_x - f_0)) and errors[1] < errors[0] / 100
+    with torch.no_grad():
+        f = trained.model(ids.unsqueeze(0), torch.tensor([len(ids)]))[0]  # F(x) agrees with the token-id path
+    assert f_x == pytest.approx(float(flow.log_odds(f, target)), rel=1e-9)
+
+
+def test_attribution_does_not_saturate_on_a_confident_prediction():
+    """A prediction at p ≈ 1 − 1e-7: attribution on the probability would be ~1e-7 for every word; on the
+    log-odds the deciding word still carries an attribution of order one."""
+    trained = classifier("seed")
+    with torch.no_grad():
+        trained.model.out.bias += torch.tensor([-9.0, 9.0], dtype=torch.float64)  # push p(positive) to ~1
+    reading = flow.read_sentence(trained, "the food was good")
+    p = float(reading.probabilities[-1, reading.predicted])
+    assert p > 1 - 1e-6
+    for method in ("integrated_gradients", "grad_x_input", "occlusion"):
+        assert float(reading.attribution[method].abs().max()) > 1e-3, method
+

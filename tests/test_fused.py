@@ -126,18 +126,28 @@ def test_gradcheck_of_the_fused_functions(kind):
     h0, c0 = torch.randn(B, H, **f64), torch.randn(B, H, **f64)
     mask = (torch.arange(T).unsqueeze(1) < torch.tensor([4, 0, 2])).unsqueeze(2)  # (T, B, 1)
     State = rnnmath.LSTMState if kind == "lstm" else rnnmath.HiddenState
+    if kind == "lstm":
+        cell = rnnmath.LSTMCell(1, H, device="meta")
+    elif kind == "gru":
+        cell = rnnmath.GRUCell(1, H, device="meta")
+    else:
+        cell = rnnmath.RNNCell(1, H, nonlinearity=kind.removeprefix("rnn_"), device="meta")
 
     def scan(xw, h0, c0, W, b):
         p = {"weight_hh": W, "bias_hh": b}
         if kind == "lstm":
-            output, state = fused.lstm_scan(p, xw, State(h0, c0), mask)
+            output, state = fused.lstm_scan(p, xw, State(h0, c0), mask, cell)
         elif kind == "gru":
-            output, state = fused.gru_scan(p, xw, State(h0), mask)
+            output, state = fused.gru_scan(p, xw, State(h0), mask, cell)
         else:
-            output, state = fused.rnn_scan(p, xw, State(h0), mask, kind.removeprefix("rnn_"))
+            output, state = fused.rnn_scan(p, xw, State(h0), mask, cell)
         return (output, *state)
 
-    assert torch.autograd.gradcheck(scan, (xw, h0, c0 if kind == "lstm" else c0.detach(), W, b))
+    inputs = (xw, h0, c0 if kind == "lstm" else c0.detach(), W, b)
+    assert torch.autograd.gradcheck(scan, inputs)
+    # second order (create_graph) and vmapped first order (is_grads_batched) both replay the readable loop
+    assert torch.autograd.gradgradcheck(scan, inputs)
+    assert torch.autograd.gradcheck(scan, inputs, check_batched_grad=True)
 
 
 def test_backward_twice_with_retain_graph():
@@ -153,16 +163,22 @@ def test_backward_twice_with_retain_graph():
         assert torch.equal(a, b)
 
 
-def test_double_backward_needs_the_readable_path():
-    """The hand-written backward is not differentiable; the readable loop is (layer.fast = False)."""
-    layer = rnnmath.GRU(2, 3, dtype=torch.float64)
-    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="layer.fast = False"):
-        torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
-    layer.fast = False
-    (g,) = torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
-    g.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+def test_double_backward_on_the_default_path_equals_the_readable_loop():
+    """create_graph=True on the fast path replays the readable loop: same first and second derivatives."""
+    torch.manual_seed(0)
+    for make in KINDS.values():
+        layer = make(input_size=2, hidden_size=3, num_layers=2, bidirectional=True, dtype=torch.float64)
+        x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+        lengths = torch.tensor([4, 2])
+        results = []
+        for fast in (True, False):
+            layer.fast = fast
+            (g,) = torch.autograd.grad(layer(x, lengths=lengths)[0].pow(2).sum(), x, create_graph=True)
+            second = torch.autograd.grad(g.pow(2).sum(), [x, *layer.parameters()])
+            results.append([g.detach(), *second])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert results[0][1].abs().sum() > 0
 
 
 def test_tracing_gives_the_fast_path_values_bitwise():

@@ -343,21 +343,22 @@ def test_trace_is_bit_identical_and_complete(kind):
 
 
 def test_clear_errors():
+    """Messages name the argument and the expected shape; types are torch.nn's (tests/test_conformance.py)."""
     layer = rnnmath.LSTM(I, H)
     x = torch.randn(T, B, I)
-    with pytest.raises(ValueError, match=r"input_size=4, got 5"):
+    with pytest.raises(RuntimeError, match=r"input_size. Expected 4, got 5"):
         layer(torch.randn(T, B, 5))
-    with pytest.raises(ValueError, match=r"hx must hold 2 tensor"):
+    with pytest.raises(ValueError, match=r"hx must be 2 tensor"):
         layer(x, torch.zeros(1, B, H))
-    with pytest.raises(ValueError, match=r"expected hx field 'c' of size \(1, 3, 3\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 3, 3\) for hx field 'c'"):
         layer(x, (torch.zeros(1, B, H), torch.zeros(1, B, 4)))
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, 5\]"):
         layer(x, lengths=torch.tensor([6, 1, 1]))
     with pytest.raises(ValueError, match=r"lengths must have shape \(3,\)"):
         layer(x, lengths=torch.tensor([1, 1]))
-    with pytest.raises(ValueError, match="dropout must be a number in"):
+    with pytest.raises(ValueError, match="dropout should be a number in"):
         rnnmath.LSTM(I, H, dropout=1.5)
-    with pytest.raises(ValueError, match="nonlinearity must be"):
+    with pytest.raises(ValueError, match="Unknown nonlinearity"):
         rnnmath.RNN(I, H, nonlinearity="sigmoid")
 
 

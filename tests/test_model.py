@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 def test_existing_model_is_not_overwritten_without_resume(tmp_path):
     train_set, val_set = task()
     train(dataclasses.replace(TINY, epochs=1), train_set, val_set, tmp_path / "m")
-    with pytest.raises(UserError, match="already holds a model"):
+    with pytest.raises(UserError, match="already holds a run; pass --resume to continue it, --overwrite to replace it"):
         train(TINY, train_set, val_set, tmp_path / "m")
 
 
@@ -235,3 +235,18 @@ def test_config_round_trips_through_json(tmp_path):
     train(config, train_set, val_set, tmp_path / "m")
     assert load_model(tmp_path / "m").config == config
     assert isinstance(Config().dense, tuple)
+
+
+def test_macro_averages_equal_scikit_learn_on_random_cases():
+    """precision_recall_fscore_support(average="macro", zero_division=0) is the definition (issue 12.4);
+    skipped where scikit-learn is not installed (it is not a dependency)."""
+    import random
+
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = random.Random(0)
+    for _ in range(500):
+        n, C = rng.randint(1, 12), rng.randint(2, 5)
+        y_true, y_pred = [rng.randrange(C) for _ in range(n)], [rng.randrange(C) for _ in range(n)]
+        m = classification_metrics(y_true, y_pred, [str(i) for i in range(C)])
+        expected = metrics.precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)[:3]
+        assert (m["macro_precision"], m["macro_recall"], m["macro_f1"]) == pytest.approx(expected, abs=1e-12)

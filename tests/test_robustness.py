@@ -33,9 +33,10 @@ from hypothesis import strategies as st
 
 from rnnmath import cli, data
 
-# bidirectional GRU of 4 units over 50 words: trains in about a second
+# bidirectional GRU of 4 units over 50 words: trains in about a second; one thread, because the default thread
+# count follows the load average and byte-identical reruns need the same count
 TINY = ["--hidden", "4", "--vocab-size", "50", "--max-len", "12", "--batch-size", "16", "--dropout", "0.2",
-        "--quiet"]
+        "--quiet", "--threads", "1"]
 LABELS = ["negative", "positive"]
 
 
@@ -397,7 +398,7 @@ def reference(files, tmp_path_factory) -> dict[str, bytes]:
 
 def test_same_data_flags_and_seed_give_byte_identical_files(reference, files, tmp_path, capsys):
     assert set(reference) == {"config.json", "vocab.json", "labels.json", "model.safetensors", "history.json",
-                              "checkpoint.safetensors"}
+                              "checkpoint.safetensors", "split.json"}
     code, _, err = run(capsys, "train", "--data", files["train"], "--out", tmp_path / "other", *TINY, "--epochs", "1",
                        "--seed", "1")
     assert code == 0, err
@@ -663,3 +664,118 @@ def test_random_malformed_records_never_give_a_traceback(records, suffix, newlin
     out = tmp_path / f"m{next(RUNS)}"
     code, _, err = run(capsys, "train", "--data", path, "--out", out, "--on-bad-line", skip, *TINY, "--epochs", "1")
     assert code in (0, 2) and "Traceback" not in err and "internal error" not in err, err
+
+
+# -- issue 12: column and format mistakes are caught; every common layout is readable --------------------------
+KIM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kim2014"
+
+
+def sms_like(path: Path, n: int = 120) -> Path:
+    """``label<TAB>text``, the SMS Spam Collection's layout: the columns the other way round."""
+    task = data.make_order_task(n, seed=4)
+    rows = [f"{y}\t{t} number {i}" for i, (t, y) in enumerate(zip(task.texts, task.labels))]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_swapped_columns_stop_training_and_column_numbers_fix_it(tmp_path, capsys):
+    path = sms_like(tmp_path / "SMSSpamCollection")
+    code, _, err = run(capsys, "train", "--data", path, "--out", tmp_path / "m", "--epochs", "1", *TINY)
+    assert_one_error(code, err, "SMSSpamCollection", "label column 2", "120 distinct values", "columns look swapped",
+                     "--text-column/--label-column")
+    assert not (tmp_path / "m").exists()  # nothing written
+    code, out, err = run(capsys, "train", "--data", path, "--out", tmp_path / "m", "--epochs", "1",
+                         "--text-column", "2", "--label-column", "1", *TINY)
+    assert code == 0, err
+    assert json.loads((tmp_path / "m" / "labels.json").read_text())["labels"] == LABELS
+
+
+def test_many_labels_need_max_labels(tmp_path, capsys):
+    task = data.make_order_task(240, seed=4)
+    path = write_tsv(tmp_path / "many.tsv", task.texts, [f"class{i % 60}" for i in range(240)])
+    code, _, err = run(capsys, "train", "--data", path, "--out", tmp_path / "m", "--epochs", "1", *TINY)
+    assert_one_error(code, err, "many.tsv", "60 distinct values", "--max-labels")
+    code, _, err = run(capsys, "train", "--data", path, "--out", tmp_path / "m", "--epochs", "1",
+                       "--max-labels", "60", *TINY)
+    assert code == 0, err
+
+
+@pytest.mark.skipif(not KIM.is_dir(), reason="../shared/data/kim2014 is not present")
+def test_kim2014_file_trains_as_it_is(tmp_path, capsys):
+    # custrev.all: label first, a space, ASCII; then a cp1252 one through --encoding auto
+    code, out, err = run(capsys, "train", "--data", KIM / "custrev.all", "--format", "label-first",
+                         "--out", tmp_path / "cr", "--epochs", "1", *TINY)
+    assert code == 0, err
+    assert "trained on 3020 sentences" in out
+    code, out, err = run(capsys, "evaluate", tmp_path / "cr", "--data", KIM / "rt-polarity.all",
+                         "--format", "label-first", "--json")
+    assert_one_error(code, err, "rt-polarity.all line 32", "0xe9", "--encoding auto")
+    code, out, err = run(capsys, "evaluate", tmp_path / "cr", "--data", KIM / "rt-polarity.all",
+                         "--format", "label-first", "--encoding", "auto", "--json")
+    assert code == 0 and json.loads(out)["n"] == 10662, err
+    assert "rt-polarity.all is not UTF-8 (byte 0xe9 on line 32); read it as Windows-1252" in err
+
+
+def test_fasttext_layout_through_the_cli(model, tmp_path, capsys):
+    task = data.make_order_task(40, seed=9)
+    path = tmp_path / "ft.txt"
+    path.write_text("".join(f"__label__{y} {t}\n" for t, y in zip(task.texts, task.labels)))
+    code, out, err = run(capsys, "evaluate", model, "--data", path, "--format", "fasttext", "--json")
+    assert code == 0 and json.loads(out)["n"] == 40, err
+
+
+def test_unterminated_csv_quote_skips_one_line(model, tmp_path, capsys):
+    task = data.make_order_task(200, seed=9)
+    rows = ["text,label"] + [f"{t},{y}" for t, y in zip(task.texts, task.labels)]
+    rows[60] = '"' + rows[60]  # line 61 opens a quote it never closes
+    path = tmp_path / "q.csv"
+    path.write_text("\n".join(rows) + "\n")
+    code, out, err = run(capsys, "evaluate", model, "--data", path, "--on-bad-line", "skip", "--json")
+    assert code == 0 and json.loads(out)["n"] == 199, err
+    assert any(line.startswith("rnnmath: skipped 1 bad line(s) of") and line.endswith("q.csv: 61")
+               for line in err.splitlines()), err
+    code, out, err = run(capsys, "evaluate", model, "--data", path, "--json")
+    assert_one_error(code, err, "q.csv line 61", "quoted field opens on this line")
+
+
+def test_csv_with_a_150_kb_field(model, tmp_path, capsys):
+    path = tmp_path / "big.csv"
+    path.write_text('text,label\n"' + "the food was good " * 8500 + '",positive\nthe food was bad,negative\n')
+    code, out, err = run(capsys, "evaluate", model, "--data", path, "--json")
+    assert code == 0 and json.loads(out)["n"] == 2, err
+
+
+def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_exists(files, tmp_path, capsys, monkeypatch):
+    out, saved = tmp_path / "m", {}
+    monkeypatch.setattr(F, "nll_loss", nan_at(2, out, saved))
+    code, _, err = run(capsys, "train", "--data", files["train"], "--out", out, *TINY, "--epochs", "3")
+    assert_one_error(code, err, "epoch 1, batch 2", "loss became nan", f"no checkpoint exists yet in {out}",
+                     "nothing to resume")
+    assert "last good checkpoint" not in err and not (out / "checkpoint.safetensors").exists()
+
+
+def test_history_stays_small_with_many_classes(tmp_path, capsys):
+    """A 150-class run (allowed by --max-labels) writes no 150 x 150 confusion matrix into history.json."""
+    task = data.make_order_task(1500, seed=2)  # 10 sentences a class: 8 / 1 / 1 in the split
+    path = write_tsv(tmp_path / "many.tsv", task.texts, [f"c{i % 150}" for i in range(1500)])
+    code, out, err = run(capsys, "train", "--data", path, "--out", tmp_path / "m", "--epochs", "1",
+                         "--max-labels", "150", "--json", *TINY)
+    assert code == 0, err
+    assert "confusion" in json.loads(out)["test"]  # printed in full
+    history = json.loads((tmp_path / "m" / "history.json").read_text())
+    assert "confusion" not in history["test"] and len(history["test"]["per_class"]) == 150
+    assert (tmp_path / "m" / "history.json").stat().st_size < 60_000
+
+
+def test_overwrite_with_a_mistake_keeps_the_old_run(model, files, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(model, out)
+    before = snapshot(out)
+    one_class = write_tsv(tmp_path / "one.tsv", ["good", "fine", "great"], ["positive"] * 3)
+    code, _, err = run(capsys, "train", "--data", one_class, "--out", out, "--overwrite", *TINY)
+    assert_one_error(code, err, "single class")
+    code, _, err = run(capsys, "train", "--data", tmp_path / "missing.tsv", "--out", out, "--overwrite", *TINY)
+    assert_one_error(code, err, "no such file")
+    assert snapshot(out) == before

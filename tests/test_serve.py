@@ -113,7 +113,7 @@ def test_health_and_info(server, model_dir):
 def test_predictions_are_predicts_numbers(server, model_dir):
     """One request alone is one forward pass over the same texts as predict's: the same JSON numbers (at the
     same thread count: the server's default 1)."""
-    done = rnnmath_cli("predict", str(model_dir), "--json", *TEXTS, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = rnnmath_cli("predict", "--threads", "1", "--json", str(model_dir), *TEXTS)
     assert done.returncode == 0, done.stderr
     expected = [json.loads(line) for line in done.stdout.splitlines()]
     status, answer = server.predict(TEXTS)
@@ -319,13 +319,13 @@ def test_device_flag_on_every_command(model_dir, tmp_path, capsys):
 
     data = tmp_path / "d.tsv"
     data.write_text("good food\tpositive\nbad food\tnegative\n")
-    assert main(["predict", str(model_dir), "--device", "auto", "--json", "good"]) == 0
+    assert main(["predict", "--threads", "1", "--device", "auto", "--json", str(model_dir), "good"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == "good"
-    assert main(["evaluate", str(model_dir), "--data", str(data), "--device", "cpu", "--json"]) == 0
+    assert main(["evaluate", str(model_dir), "--data", str(data), "--device", "cpu", "--json", "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 2
     if not torch.cuda.is_available():
         for command in (["predict", str(model_dir), "good"], ["evaluate", str(model_dir), "--data", str(data)],
                         ["serve", str(model_dir), "--port", "0"],
                         ["train", "--data", str(data), "--out", str(tmp_path / "m")]):
-            assert main([*command, "--device", "cuda"]) == 2, command
+            assert main([*command, "--device", "cuda", "--threads", "1"]) == 2, command
             assert "no CUDA GPU" in capsys.readouterr().err, command
