@@ -123,6 +123,17 @@ def test_cells_export_with_dynamic_batch():
             assert abs(torch.from_numpy(g) - e).max() <= 1e-5
 
 
+def test_the_tracing_exporter_is_refused_rather_than_fix_the_length(tmp_path):
+    """torch.onnx.export(dynamo=False) traces: the graph would hold the traced number of steps (seen: T=6 fed
+    T=9 answered with 6 steps), so the layer refuses it with a message naming dynamo=True."""
+    layer = rnnmath.GRU(3, 4).eval()
+    for fast in (True, False):
+        layer.fast = fast
+        with pytest.raises(Exception, match=r"dynamo=True"), torch.no_grad():
+            torch.onnx.export(layer, (torch.randn(6, 2, 3),), str(tmp_path / "g.onnx"), dynamo=False,
+                              dynamic_axes={"input": {0: "T", 1: "B"}})
+
+
 # -- rnnmath export ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
