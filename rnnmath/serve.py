@@ -26,7 +26,16 @@ the server itself is a 500 with a JSON error, never a traceback.
 :func:`serve` returns normally (``rnnmath serve`` exits with 0).
 
 A task is served by a :class:`Service`: the routes it adds and what ``/info`` says about it. A language
-model adds ``POST /generate`` the same way, with its own service.
+model (:class:`LanguageModelService`) serves instead::
+
+    POST /generate {"prompt": "...", "length": N, "temperature": T, "top_k": K, "seed": S}  (all optional)
+                   -> the object ``rnnmath generate DIR --json`` prints for the same arguments: its "text" is
+                      exactly the CLI's (the same model, prompt, sampler and seeded CPU generator)
+
+Its requests are not joined: each generation is a loop of one-token steps with its own prompt, length and
+random generator, so the batcher runs one request per pass (in the worker thread, in arrival order).
+``/predict`` on a language model and ``/generate`` on a classifier answer 404 with a sentence naming the
+right endpoint.
 """
 
 from __future__ import annotations
@@ -59,7 +68,9 @@ class Limits:
     """What one request may hold; larger requests get a 413 before any work is done."""
 
     max_body_bytes: int = 1 << 20  # 1 MiB
-    max_texts: int = 1000  # texts in one request
+    max_texts: int = 1000  # texts in one request (POST /predict)
+    max_length: int = 2000  # tokens to sample in one request (POST /generate)
+    max_prompt_tokens: int = 10_000  # tokens of one prompt (POST /generate)
 
 
 class BadRequest(Exception):
@@ -149,6 +160,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnmath-forward")
         self._task: asyncio.Task | None = None
         self.passes = 0  # forward passes run, and the items they held: for /info and the load test
+        self.running = 0  # items in the pass that runs now
         self.items = 0
 
     def start(self) -> None:
@@ -199,15 +211,18 @@ class Batcher:
                 batch.append(self._queue.popleft())
             items = [item for w in batch for item in w.items]
             self._queued -= len(items)
+            self.running = len(items)
             try:
                 results = await loop.run_in_executor(self._executor, self.run, items)
                 if len(results) != len(items):
                     raise RuntimeError(f"the model returned {len(results)} results for {len(items)} inputs")
             except Exception as e:  # a fault of the server: each waiting request answers 500
+                self.running = 0
                 for w in batch:
                     if not w.future.done():
                         w.future.set_exception(e)
                 continue
+            self.running = 0
             self.passes += 1
             self.items += len(items)
             start = 0
@@ -223,6 +238,7 @@ class Service:
     ``batchers`` are started and stopped with the server."""
 
     task = "unknown"
+    limit_names: tuple[str, ...] = ("max_body_bytes",)  # the fields of Limits that apply, shown by /info
 
     def routes(self, limits: Limits) -> list[Route]:
         raise NotImplementedError
@@ -239,6 +255,7 @@ class ClassifierService(Service):
     """POST /predict for a sentence classifier (a model directory written by ``rnnmath train``)."""
 
     task = "classifier"
+    limit_names = ("max_body_bytes", "max_texts")
 
     def __init__(self, directory: str | Path, max_batch: int = 64, max_delay: float = 0.005,
                  device: str = "cpu") -> None:
@@ -266,7 +283,11 @@ class ClassifierService(Service):
         async def predict(request: Request) -> JSONResponse:
             return await self.predict(request, limits)
 
-        return [Route("/predict", predict, methods=["POST"])]
+        async def generate(request: Request) -> JSONResponse:
+            raise BadRequest(404, f"{self.directory} is a classifier: POST /predict; /generate is a language "
+                             "model's")
+
+        return [Route("/predict", predict, methods=["POST"]), Route("/generate", generate, methods=["POST"])]
 
     def info(self) -> dict:
         config = self.trained.config
@@ -274,6 +295,98 @@ class ClassifierService(Service):
                 "config": dataclasses.asdict(config), "vocabulary_size": len(self.trained.vocab),
                 "test": self.history.get("test"), "best_epoch": self.history.get("best_epoch"),
                 "best_val_accuracy": self.history.get("best_val_accuracy"),
+                "device": str(next(self.trained.model.parameters()).device)}
+
+    @property
+    def batchers(self) -> list[Batcher]:
+        return [self.batcher]
+
+
+class LanguageModelService(Service):
+    """POST /generate for a language model (a model directory written by ``rnnmath train --task lm``)."""
+
+    task = "lm"
+    limit_names = ("max_body_bytes", "max_length", "max_prompt_tokens")
+    defaults = {"prompt": "", "length": 500, "temperature": 1.0, "top_k": 0, "seed": 0}  # as rnnmath generate's
+
+    def __init__(self, directory: str | Path, device: str = "cpu") -> None:
+        from .language_model import load_lm
+        from .model import HISTORY, read_json
+
+        self.directory = Path(directory)
+        self.trained = load_lm(self.directory, device)
+        self.history = read_json(self.directory / HISTORY, "history") if (self.directory / HISTORY).is_file() else {}
+        self.batcher = Batcher(self.generate_each, max_batch=1, max_delay=0.0)  # one generation per pass
+
+    def generate_each(self, requests: Sequence[dict]) -> list[dict]:
+        """For each checked request, the object ``rnnmath generate --json`` prints for the same arguments."""
+        from .language_model import generate
+
+        out = []
+        for r in requests:
+            _, unknown = self.trained.vocab.encode(r["prompt"])
+            text = "".join(generate(self.trained.model, self.trained.vocab, r["prompt"], r["length"],
+                                    r["temperature"], r["top_k"], r["seed"]))
+            out.append({"prompt": r["prompt"], "text": text, "tokens": r["length"], "seed": r["seed"],
+                        "temperature": r["temperature"], "top_k": r["top_k"], "unknown_in_prompt": unknown})
+        return out
+
+    def arguments_of(self, document: Any, limits: Limits) -> dict:
+        """The request's arguments with the CLI's defaults filled in, checked as ``rnnmath generate`` checks
+        its flags (plus ``limits``); a BadRequest (422, 413 over a limit) naming the field otherwise."""
+        if not isinstance(document, dict):
+            raise BadRequest(422, "expected a JSON object {\"prompt\": ..., \"length\": ..., ...}, got a JSON "
+                             f"{_json_kind(document)}")
+        unknown = sorted(set(document) - set(self.defaults))
+        if unknown:
+            raise BadRequest(422, f"unknown field {unknown[0]!r}; POST /generate takes "
+                             f"{', '.join(self.defaults)}")
+        r = {**self.defaults, **document}
+        if not isinstance(r["prompt"], str):
+            raise BadRequest(422, f"\"prompt\" must be a string, got a JSON {_json_kind(r['prompt'])}")
+        try:
+            r["prompt"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(422, "\"prompt\" holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+        for name, high in (("length", limits.max_length), ("top_k", 10_000_000), ("seed", 2**63 - 1)):
+            value = r[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BadRequest(422, f"\"{name}\" must be a whole number, got a JSON {_json_kind(value)} "
+                                 f"{json.dumps(value)[:40]}")
+            if value < 0:
+                raise BadRequest(422, f"\"{name}\" must be 0 or more, got {value}")
+            if value > high:
+                status = 413 if name == "length" else 422
+                raise BadRequest(status, f"\"{name}\" is {value}, more than the {high} allowed")
+        t = r["temperature"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise BadRequest(422, f"\"temperature\" must be a number, got a JSON {_json_kind(t)}")
+        if not (0 <= t <= 100):  # also NaN; Python's JSON reader takes NaN and Infinity
+            raise BadRequest(422, f"\"temperature\" must be between 0 (the most probable token) and 100, got {t}")
+        r["temperature"] = float(t)
+        tokens = len(self.trained.vocab.encode(r["prompt"])[0])
+        if tokens > limits.max_prompt_tokens:
+            raise BadRequest(413, f"\"prompt\" holds {tokens} tokens, more than the {limits.max_prompt_tokens} "
+                             "allowed")
+        return r
+
+    def routes(self, limits: Limits) -> list[Route]:
+        async def generate(request: Request) -> JSONResponse:
+            arguments = self.arguments_of(await read_json_body(request, limits), limits)
+            return JSONResponse((await self.batcher.submit([arguments]))[0])
+
+        async def predict(request: Request) -> JSONResponse:
+            raise BadRequest(404, f"{self.directory} is a language model: POST /generate; /predict is a "
+                             "classifier's")
+
+        return [Route("/generate", generate, methods=["POST"]), Route("/predict", predict, methods=["POST"])]
+
+    def info(self) -> dict:
+        config = self.trained.config
+        return {"model": str(self.directory), "level": config.level, "cell": config.cell,
+                "config": dataclasses.asdict(config), "vocabulary_size": len(self.trained.vocab),
+                "test": self.history.get("test"), "best_val_loss": self.history.get("best_val_loss"),
+                "epochs_done": self.history.get("epochs_done"), "defaults": self.defaults,
                 "device": str(next(self.trained.model.parameters()).device)}
 
     @property
@@ -293,9 +406,10 @@ def build_app(service: Service, limits: Limits = Limits()) -> Starlette:
         from . import __version__
 
         batching = [{"max_batch": b.max_batch, "max_delay_ms": b.max_delay * 1000, "forward_passes": b.passes,
-                     "items": b.items, "queued": b.queued} for b in service.batchers]
+                     "items": b.items, "queued": b.queued, "running": b.running} for b in service.batchers]
         return JSONResponse({"task": service.task, **service.info(), "rnnmath": __version__,
-                             "limits": dataclasses.asdict(limits), "batching": batching,
+                             "limits": {name: getattr(limits, name) for name in service.limit_names},
+                             "batching": batching,
                              "uptime_s": time.time() - started})
 
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:

@@ -329,3 +329,148 @@ def test_device_flag_on_every_command(model_dir, tmp_path, capsys):
                         ["train", "--data", str(data), "--out", str(tmp_path / "m")]):
             assert main([*command, "--device", "cuda", "--threads", "1"]) == 2, command
             assert "no CUDA GPU" in capsys.readouterr().err, command
+
+
+# -- a language model: POST /generate ----------------------------------------------------------------------
+LM_TEXT = "".join(f"the cat sat on the mat {i % 5} times.\n" for i in range(80))
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    from rnnmath.language_model import train_lm
+    from rnnmath.lm_config import LMConfig
+
+    out = tmp_path_factory.mktemp("serve_lm") / "lm"
+    config = LMConfig(level="char", cell="lstm", hidden=16, layers=1, embedding=8, bptt=16, batch_size=4, epochs=1,
+                      optimizer="adam", lr=0.01, lr_decay=1.0, decay_after=0, eval_every=0, seed=0)
+    train_lm(config, LM_TEXT, LM_TEXT[:300], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm_server(lm_dir):
+    s = Server(lm_dir, "--max-length", "600", "--max-prompt-tokens", "50", "--max-body-bytes", "4000")
+    yield s
+    if s.process.poll() is None:
+        s.stop()
+
+
+def generate_request(server, document) -> tuple[int, dict]:
+    body = document if isinstance(document, bytes) else json.dumps(document).encode()
+    return server.request("POST", "/generate", body, {"Content-Type": "application/json"})
+
+
+def test_lm_health_and_info(lm_server, lm_dir):
+    assert lm_server.request("GET", "/health") == (200, {"status": "ok"})
+    status, info = lm_server.request("GET", "/info")
+    assert status == 200
+    assert info["task"] == "lm" and info["level"] == "char" and info["cell"] == "lstm"
+    assert info["config"]["hidden"] == 16 and info["best_val_loss"] > 0
+    assert info["limits"] == {"max_body_bytes": 4000, "max_length": 600, "max_prompt_tokens": 50}
+
+
+@pytest.mark.parametrize("arguments", [
+    {"prompt": "the cat", "length": 60, "seed": 3},
+    {"prompt": "", "length": 40, "temperature": 0.5, "top_k": 4, "seed": 7},
+    {"prompt": "mat Q", "length": 25, "temperature": 0, "seed": 1},  # Q: not in the vocabulary; 0: argmax
+    {},  # every default: rnnmath generate's (500 tokens, temperature 1, all tokens, seed 0)
+])
+def test_generate_is_the_clis_text(lm_server, lm_dir, arguments):
+    """The same arguments give exactly the text and the object of `rnnmath generate --json`."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in arguments.items()]
+    done = rnnmath_cli("generate", str(lm_dir), "--json", "--threads", "1", *flags)
+    assert done.returncode == 0, done.stderr
+    expected = json.loads(done.stdout)
+    status, answer = generate_request(lm_server, arguments)
+    assert status == 200, answer
+    assert answer == expected and len(answer["text"]) == arguments.get("length", 500)  # characters
+    assert generate_request(lm_server, arguments) == (200, expected)  # the same seed, the same text
+    if "seed" in arguments and arguments.get("temperature", 1) != 0:
+        other = generate_request(lm_server, {**arguments, "seed": arguments["seed"] + 1})[1]
+        assert other["text"] != answer["text"]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 422, "JSON object"),
+    ({"prompt": 5}, 422, "\"prompt\" must be a string"),
+    ({"prompt": "\ud800"}, 422, "lone surrogate"),
+    ({"length": "10"}, 422, "\"length\" must be a whole number"),
+    ({"length": 2.5}, 422, "\"length\" must be a whole number"),
+    ({"length": True}, 422, "\"length\" must be a whole number"),
+    ({"length": -1}, 422, "0 or more"),
+    ({"length": 601}, 413, "more than the 600 allowed"),
+    ({"length": 10**30}, 413, "more than the 600 allowed"),
+    ({"temperature": -0.5}, 422, "\"temperature\" must be between 0"),
+    ({"temperature": "hot"}, 422, "\"temperature\" must be a number"),
+    (b'{"temperature": NaN}', 422, "\"temperature\" must be between 0"),
+    (b'{"temperature": Infinity}', 422, "\"temperature\" must be between 0"),
+    ({"top_k": 1.0}, 422, "\"top_k\" must be a whole number"),
+    ({"seed": 2**63}, 422, "\"seed\" is"),
+    ({"seed": None}, 422, "\"seed\" must be a whole number"),
+    ({"temp": 0.5}, 422, "unknown field 'temp'"),
+    ({"prompt": "the cat " * 10}, 413, "more than the 50 allowed"),
+    (b"x" * 5000, 413, "more than the 4000"),
+])
+def test_bad_generate_requests_get_a_4xx_json_error(lm_server, body, status, words):
+    got, answer = generate_request(lm_server, body)
+    assert (got, set(answer)) == (status, {"error"}) and words in answer["error"], answer
+    assert generate_request(lm_server, {"length": 5})[0] == 200  # and it keeps serving
+
+
+def test_predict_on_an_lm_and_generate_on_a_classifier_name_the_right_endpoint(lm_server, server):
+    status, answer = lm_server.predict(["the cat"])
+    assert status == 404 and "POST /generate" in answer["error"]
+    status, answer = generate_request(server, {"prompt": "the"})
+    assert status == 404 and "POST /predict" in answer["error"]
+    assert server.predict(["good"])[0] == 200
+
+
+def test_lm_server_sigterm_finishes_a_generation_and_exits_0(lm_dir):
+    server = Server(lm_dir, "--max-length", "100000")
+    answer: list = []
+    client = threading.Thread(target=lambda: answer.append(generate_request(server, {"length": 5000, "seed": 2})))
+    client.start()
+    deadline = time.monotonic() + 60
+    while server.request("GET", "/info")[1]["batching"][0]["running"] == 0:  # until the generation runs
+        assert time.monotonic() < deadline and client.is_alive()
+        time.sleep(0.02)
+    server.process.send_signal(signal.SIGTERM)
+    client.join(timeout=120)
+    assert server.process.wait(timeout=120) == 0
+    assert answer and answer[0][0] == 200 and answer[0][1]["tokens"] == 5000
+    assert not any("Traceback" in line for line in server.lines)
+
+
+def test_serve_refuses_the_other_tasks_flags(lm_dir, model_dir, capsys):
+    from rnnmath.cli import main
+
+    assert main(["serve", str(lm_dir), "--port", "0", "--max-batch", "8"]) == 2
+    assert "--max-batch applies to a classifier" in capsys.readouterr().err
+    assert main(["serve", str(model_dir), "--port", "0", "--max-length", "8"]) == 2
+    assert "--max-length applies to a language model" in capsys.readouterr().err
+
+
+def test_device_flag_on_the_language_model_commands(lm_dir, tmp_path, capsys):
+    """train --task lm, evaluate and generate on a language model honour --device (here: the CPU, and
+    --device cuda is refused where torch sees no GPU, not ignored)."""
+    from rnnmath.cli import main
+
+    data = tmp_path / "t.txt"
+    data.write_text(LM_TEXT)
+    assert main(["generate", str(lm_dir), "--length", "20", "--seed", "4", "--json", "--device", "auto",
+                 "--threads", "1"]) == 0
+    on_auto = json.loads(capsys.readouterr().out)["text"]
+    assert main(["generate", str(lm_dir), "--length", "20", "--seed", "4", "--json", "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == on_auto or torch.cuda.is_available()
+    assert main(["evaluate", str(lm_dir), "--data", str(data), "--device", "cpu", "--json", "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == len(LM_TEXT) - 1
+    train = ["train", "--task", "lm", "--data", str(data), "--out", str(tmp_path / "m"), "--hidden", "8",
+             "--layers", "1", "--bptt", "8", "--batch-size", "4", "--epochs", "1", "--quiet", "--threads", "1"]
+    assert main([*train, "--device", "cpu"]) == 0
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        for command in (train, ["evaluate", str(lm_dir), "--data", str(data)], ["generate", str(lm_dir)],
+                        ["serve", str(lm_dir), "--port", "0"]):
+            assert main([*command, "--device", "cuda", "--threads", "1"]) == 2, command
+            assert "no CUDA GPU" in capsys.readouterr().err, command
