@@ -222,6 +222,9 @@ def task_of(directory: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .model import resolve_device
+
+    resolve_device(args.device)  # a --device that cannot be had is said before any data is read
     if args.task == "lm" or (args.task is None and args.preset in LM_PRESETS):
         return lm_train_command(args)
     if args.preset in LM_PRESETS:
@@ -482,7 +485,8 @@ def add_predict_parser(subparsers) -> None:
                               "flushed) as soon as its line has arrived, so a program can write a line and read "
                               "its answer.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
-    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: lines of standard input)")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: lines of standard input); "
+                   "after '--' every argument is a text, even one starting with '-': predict DIR -- \"-5 stars\"")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: text, label, probabilities (label -> probability)")
     add_threads_flag(p)
@@ -858,6 +862,12 @@ def add_serve_parser(subparsers) -> None:
                    help="a language model: most tokens in one prompt; more get 413 (default: 10000)")
     p.add_argument("--max-body-bytes", type=_number(int, 1, 2**40), default=1 << 20, metavar="N",
                    help="largest request body; larger get 413 (default: 1048576)")
+    p.add_argument("--request-timeout", type=_number(float, 0.001, 86_400), default=30.0, metavar="S",
+                   help="seconds a client has to send a request's headers, and again its body; then 408 and the "
+                        "connection is closed (default: 30)")
+    p.add_argument("--shutdown-timeout", type=_number(float, 0, 86_400), default=30.0, metavar="S",
+                   help="on SIGTERM/Ctrl-C, seconds to finish the requests in flight; those still running are "
+                        "then cancelled and the server exits with 0 (default: 30)")
     p.add_argument("--threads", type=_number(int, 1, 4096), default=1, metavar="N",
                    help="torch's intra-op threads for the forward passes (default: 1; see docs/serving.md)")
     add_device_flag(p)
@@ -885,7 +895,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             f"{'a language model' if lm else 'a classifier'}; leave it out")
     given = {name: getattr(args, name) for name in ("max_texts", "max_length", "max_prompt_tokens")
              if getattr(args, name) is not None}
-    limits = serve.Limits(max_body_bytes=args.max_body_bytes, **given)
+    limits = serve.Limits(max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout, **given)
     if lm:
         service = serve.LanguageModelService(args.model, args.device)
     else:
@@ -898,7 +908,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"rnnmath: serving {args.model} on {url} ({endpoint}, GET /health, GET /info); Ctrl-C or SIGTERM "
               "stops", file=sys.stderr, flush=True)
 
-    serve.serve(service, args.host, args.port, limits, announce=announce)
+    serve.serve(service, args.host, args.port, limits, announce=announce, shutdown_timeout=args.shutdown_timeout)
     print("rnnmath: server stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -983,7 +993,12 @@ def _main(argv: list[str]) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)  # a usage error exits with 2
+    # `predict DIR [flags] -- TEXT...`: everything after "--" is a text, even "-5 stars" or "--json" (argparse
+    # alone takes "--" only before the first TEXT, and leaves it unparsed after a flag)
+    cut = argv.index("--") if "--" in argv and _COMMAND == "predict" else None
+    args, extra = parser.parse_known_args(argv if cut is None else argv[:cut])  # a usage error exits with 2
+    if cut is not None:
+        args.texts += argv[cut + 1:]
     if extra and isinstance(getattr(args, "texts", None), list) and not any(e.startswith("-") for e in extra):
         args.texts += extra  # `predict DIR --json a b`: argparse ends the TEXT list at the first flag
     elif extra:

@@ -22,8 +22,14 @@ is not UTF-8 JSON (400), larger than ``max_body_bytes`` (413), not an object wit
 strings (422), with more than ``max_texts`` texts (413), an unknown path (404) or method (405). A fault of
 the server itself is a 500 with a JSON error, never a traceback.
 
+**Timeouts.** A client has ``request_timeout`` seconds (``--request-timeout``) to send a request's headers
+(from opening the connection or from its previous answer), and as long again for its body; then it gets 408
+and the connection is closed (an idle connection with nothing sent is closed without an answer). A client
+that sends half a request therefore holds nothing for longer than that.
+
 **Shutdown.** SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight, and
-:func:`serve` returns normally (``rnnmath serve`` exits with 0).
+:func:`serve` returns normally (``rnnmath serve`` exits with 0); requests still running after
+``shutdown_timeout`` seconds (``--shutdown-timeout``) are cancelled, so the server always stops.
 
 A task is served by a :class:`Service`: the routes it adds and what ``/info`` says about it. A language
 model (:class:`LanguageModelService`) serves instead::
@@ -71,15 +77,17 @@ class Limits:
     max_texts: int = 1000  # texts in one request (POST /predict)
     max_length: int = 2000  # tokens to sample in one request (POST /generate)
     max_prompt_tokens: int = 10_000  # tokens of one prompt (POST /generate)
+    request_timeout: float = 30.0  # seconds to send a request's headers, and again its body; then 408 and close
 
 
 class BadRequest(Exception):
     """A client's mistake: answered with ``status`` and ``{"error": message}``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 # -- reading a request -------------------------------------------------------------------------------------
@@ -88,15 +96,24 @@ async def read_json_body(request: Request, limits: Limits) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise BadRequest(413, f"the body has {int(declared)} bytes, more than the {limits.max_body_bytes} allowed")
-    chunks, size = [], 0
-    try:
+    chunks = []
+
+    async def read() -> None:
+        size = 0
         async for chunk in request.stream():  # also bounds a chunked body, which declares no length
             size += len(chunk)
             if size > limits.max_body_bytes:
                 raise BadRequest(413, f"the body has more than the {limits.max_body_bytes} bytes allowed")
             chunks.append(chunk)
+
+    try:
+        # a client that sends less than it declared would hold this request (and a graceful shutdown) forever
+        await asyncio.wait_for(read(), limits.request_timeout)
     except ClientDisconnect:  # nobody is left to answer; not the server's fault
         raise BadRequest(400, "the client closed the connection before sending the whole body") from None
+    except asyncio.TimeoutError:
+        raise BadRequest(408, f"the body did not arrive within {limits.request_timeout:g} s (--request-timeout)",
+                         {"Connection": "close"}) from None
     body = b"".join(chunks)
     try:
         return json.loads(body.decode("utf-8"))
@@ -106,6 +123,8 @@ async def read_json_body(request: Request, limits: Limits) -> Any:
         raise BadRequest(400, f"the body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except RecursionError:
         raise BadRequest(400, "the body is JSON nested too deeply to read") from None
+    except Exception as e:  # any other failure to parse is the body's fault too, e.g. an integer of 5000 digits
+        raise BadRequest(400, f"the body is not valid JSON ({' '.join(str(e).split())[:200]})") from None
 
 
 def texts_of(document: Any, limits: Limits) -> list[str]:
@@ -413,7 +432,7 @@ def build_app(service: Service, limits: Limits = Limits()) -> Starlette:
                              "uptime_s": time.time() - started})
 
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = {404: f"no such path {request.url.path!r}", 405: f"{request.method} is not allowed on "
@@ -434,8 +453,59 @@ def build_app(service: Service, limits: Limits = Limits()) -> Starlette:
 
     routes = [Route("/health", health, methods=["GET"]), Route("/info", info, methods=["GET"]),
               *service.routes(limits)]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={BadRequest: bad_request, HTTPException: http_error, Exception: server_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={BadRequest: bad_request, HTTPException: http_error, Exception: server_error})
+    app.router.redirect_slashes = False  # /predict/ is an unknown path (404), not a redirect built from Host
+    return app
+
+
+def timed_protocol(request_timeout: float) -> type:
+    """uvicorn's h11 HTTP protocol with a deadline for a request's headers: a connection that has not sent a
+    whole request head within ``request_timeout`` seconds of opening (or of its previous response) is
+    answered 408 and closed. uvicorn itself waits for a head forever (its keep-alive timer stops at the
+    first byte). The body has its own deadline in :func:`read_json_body`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        read_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm()
+
+        def connection_lost(self, exc) -> None:
+            if self.read_timer is not None:
+                self.read_timer.cancel()
+            super().connection_lost(exc)
+
+        def arm(self) -> None:
+            if self.read_timer is not None:
+                self.read_timer.cancel()
+            self.read_timer = self.loop.call_later(request_timeout, self.timed_out)
+
+        def timed_out(self) -> None:
+            self.read_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a request is being answered; its body's deadline is the app's
+            if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+                # nothing of a next request arrived: close quietly, as uvicorn's keep-alive timeout does
+                self.transport.close()
+                return
+            body = json.dumps({"error": f"the request's headers did not arrive within {request_timeout:g} s "
+                                        "(--request-timeout)"}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+                                 + body)
+            self.transport.close()
+
+    return TimedH11Protocol
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -459,8 +529,11 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(service: Service, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-          announce: Callable[[str], None] | None = None, log_level: str = "warning") -> None:
-    """Run the HTTP server until SIGTERM or SIGINT; in-flight requests are answered before it returns.
+          announce: Callable[[str], None] | None = None, log_level: str = "warning",
+          shutdown_timeout: float = 30.0) -> None:
+    """Run the HTTP server until SIGTERM or SIGINT; in-flight requests are answered before it returns, for at
+    most ``shutdown_timeout`` seconds: the requests still running then are cancelled (their clients get no
+    answer) and it returns all the same.
 
     ``announce`` receives the URL once the server listens (with ``port=0``, the port the system chose).
     Raises UserError when host:port cannot be had.
@@ -470,7 +543,8 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8000, limits: L
     sock = listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     config = uvicorn.Config(build_app(service, limits), log_level=log_level, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=None)
+                            lifespan="on", timeout_graceful_shutdown=shutdown_timeout,
+                            http=timed_protocol(limits.request_timeout))
     server = uvicorn.Server(config)
     stopped: list[int] = []
 

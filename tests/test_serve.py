@@ -93,7 +93,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(model_dir):
     s = Server(model_dir, "--max-delay-ms", "200", "--max-batch", "64", "--max-texts", "20",
-               "--max-body-bytes", "4000")
+               "--max-body-bytes", "4500")
     yield s
     if s.process.poll() is None:
         s.stop()
@@ -106,7 +106,7 @@ def test_health_and_info(server, model_dir):
     labels = json.loads((model_dir / "labels.json").read_text())["labels"]
     assert info["task"] == "classifier" and info["labels"] == labels and info["cell"] == "gru"
     assert info["config"]["hidden"] == 8 and info["test"] is None  # trained without a test set
-    assert info["limits"] == {"max_body_bytes": 4000, "max_texts": 20}
+    assert info["limits"] == {"max_body_bytes": 4500, "max_texts": 20}
     assert info["batching"][0]["max_batch"] == 64
 
 
@@ -168,7 +168,10 @@ BAD_REQUESTS = [
     (b'{"texts": [["nested"]]}', {}, 422, "texts[0] must be a string"),
     (b'{"texts": ["\\ud800"]}', {}, 422, "lone surrogate"),
     (json.dumps({"texts": ["a"] * 21}).encode(), {}, 413, "more than the 20 allowed"),
-    (json.dumps({"texts": ["a" * 5000]}).encode(), {}, 413, "more than the 4000 allowed"),
+    (json.dumps({"texts": ["a" * 5000]}).encode(), {}, 413, "more than the 4500 allowed"),
+    # any failure to parse is the body's: Python refuses an integer of more than 4300 digits (ValueError)
+    (b'{"texts": ["a"], "n": ' + b"9" * 4400 + b"}", {}, 400, "not valid JSON"),
+    (b"[-" + b"1" * 4301 + b"]", {}, 400, "not valid JSON"),
 ]
 
 
@@ -183,12 +186,16 @@ def test_wrong_paths_methods_and_chunked_oversized_bodies(server):
     assert server.request("GET", "/nope")[0] == 404
     assert server.request("GET", "/predict")[0] == 405
     assert server.request("POST", "/health", b"{}")[0] == 405
+    # a trailing slash is another path: 404, never a redirect built from the client's Host header
+    for method, path in (("POST", "/predict/"), ("GET", "/health/"), ("GET", "/info/")):
+        status, answer = server.request(method, path, b"{}" if method == "POST" else None, {"Host": "evil.example"})
+        assert status == 404 and path in answer["error"]
     # a chunked body declares no length: the server counts as it reads
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     connection.request("POST", "/predict", body=iter([b'{"texts": ["', b"a" * 3000, b"a" * 3000, b'"]}']),
                        encode_chunked=True)
     response = connection.getresponse()
-    assert response.status == 413 and "more than the 4000 bytes" in json.loads(response.read())["error"]
+    assert response.status == 413 and "more than the 4500 bytes" in json.loads(response.read())["error"]
     connection.close()
     assert server.predict(["still serving"])[0] == 200
     assert not any("Traceback" in line for line in server.lines)
@@ -210,6 +217,64 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_dir):
     assert not any("Traceback" in line for line in server.lines)
     with pytest.raises(OSError):  # nothing listens any more
         server.request("GET", "/health", timeout=5)
+
+
+def raw_connection(port: int, data: bytes):
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(data)
+    return sock
+
+
+def read_all(sock) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+HALF_BODY = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+             b'{"texts": ["half')
+HALF_HEAD = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n"  # no blank line: the head never ends
+
+
+def test_a_half_sent_request_gets_408_after_the_request_timeout(model_dir):
+    server = Server(model_dir, "--request-timeout", "1.5")
+    try:
+        for data, words in ((HALF_BODY, b"body did not arrive within 1.5 s"),
+                            (HALF_HEAD, b"headers did not arrive within 1.5 s")):
+            sock = raw_connection(server.port, data)
+            started = time.monotonic()
+            answer = read_all(sock)  # the server answers, then closes the connection
+            sock.close()
+            assert 1.0 < time.monotonic() - started < 30
+            assert answer.startswith(b"HTTP/1.1 408 ") and words in answer, answer
+        assert server.predict(["still serving"])[0] == 200  # and a whole request in time is answered
+    finally:
+        assert server.stop() == 0
+    assert not any("Traceback" in line for line in server.lines)
+
+
+def test_sigterm_with_a_stuck_client_exits_0_within_the_shutdown_timeout(model_dir):
+    # the request timeout (600 s) would not free the stuck request: the shutdown bound (2 s) must
+    server = Server(model_dir, "--request-timeout", "600", "--shutdown-timeout", "2", "--max-delay-ms", "1500")
+    stuck = [raw_connection(server.port, HALF_BODY), raw_connection(server.port, HALF_HEAD)]
+    answer: list = []
+    client = threading.Thread(target=lambda: answer.append(server.predict(TEXTS[:2])))
+    client.start()
+    deadline = time.monotonic() + 60
+    while server.request("GET", "/info")[1]["batching"][0]["queued"] == 0:  # a request that can complete
+        assert time.monotonic() < deadline and client.is_alive()
+        time.sleep(0.05)
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
+    assert time.monotonic() - started < 30
+    client.join(timeout=60)
+    assert answer and answer[0][0] == 200 and len(answer[0][1]["predictions"]) == 2  # in flight: answered
+    for sock in stuck:
+        sock.close()
 
 
 def test_serve_usage_errors_are_one_line(model_dir, tmp_path, capsys):
