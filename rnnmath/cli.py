@@ -839,10 +839,11 @@ def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="answer over HTTP: POST /predict (a classifier) or POST /generate (a "
                               "language model), GET /health, GET /info",
                               description="Serve a trained model over HTTP until SIGTERM or Ctrl-C, which finish "
-                              "the requests in flight and exit with 0. A classifier answers POST /predict; concurrent "
-                              "requests are joined into one forward pass of up to --max-batch texts, waiting at "
-                              "most --max-delay-ms for company. A language model answers POST /generate with the "
-                              "text 'rnnmath generate' gives for the same arguments. Needs the 'serve' extra: "
+                              "the requests in flight (for at most --shutdown-timeout seconds) and exit with 0. "
+                              "A classifier answers POST /predict; concurrent requests are joined into one "
+                              "forward pass of up to --max-batch texts, waiting at most --max-delay-ms for "
+                              "company. A language model answers POST /generate with the text 'rnnmath generate' "
+                              "gives for the same arguments. Needs the 'serve' extra: "
                               "pip install 'rnnmath[serve]'. See docs/serving.md.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
