@@ -24,7 +24,9 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from .common import readable  # noqa: E402
 from .data import atomic_write  # noqa: E402
+from .errors import UserError  # noqa: E402
 
 MAX_UNITS = 32  # more rows than this in a heatmap are no longer readable: show the units that vary most
 SIGMOID_GATES = ("i", "f", "o", "r", "z")  # gates in [0, 1]; others (g, n, h, c) are shown symmetric about 0
@@ -220,7 +222,11 @@ def write_report(out_dir: str | Path, title: str, figures: list[tuple[str, str, 
     are embedded as base64 data URIs and nothing outside it is referenced, so it opens offline. Every file
     is written atomically (a temporary file, then os.replace). Returns the report's path."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only or impossible place: the user's --out to change
+        why = "a file of that name exists; expected a directory" if isinstance(e, FileExistsError) else e.strerror
+        raise UserError(f"--out {readable(out_dir)}: cannot be written ({why})") from None
     sections = []
     for name, caption, fig in figures:
         data = png_bytes(fig)

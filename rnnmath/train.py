@@ -13,6 +13,7 @@ machine and thread count; other CPUs or thread counts may round differently).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed
-from .common import classification_metrics, format_duration  # noqa: F401  (classification_metrics re-exported)
+from .common import classification_metrics, format_duration, readable  # noqa: F401  (classification_metrics re-exported)
 from .data import Examples, Vocabulary, encode, tokenize
 from .errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
 from .model import (
@@ -175,16 +176,25 @@ def train(
         check_size(config, len(vocab), len(labels))
         distributed.barrier()  # every process has checked --out before rank 0 writes to it
         if distributed.is_main():
+            created = not out.exists()
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
+                raise UserError(f"--out {readable(out)}: cannot be written ({e.strerror})") from None
             if overwrite:  # only now: a mistake caught above leaves the old run whole
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
-            save_description(out, config, vocab, labels)
-            if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
-                on_start(out)
+            try:
+                save_description(out, config, vocab, labels)
+                if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
+                    on_start(out)
+            except BaseException:  # no half-written run: a directory with config.json but no split record
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
+                if created:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()
+                raise
     if distributed.is_main():  # the temporary files of a run killed while writing (see atomic_write)
         for litter in [*out.glob(".*.json.*.tmp"), *out.glob(".*.safetensors.*.tmp")]:
             litter.unlink(missing_ok=True)
