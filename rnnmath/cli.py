@@ -222,7 +222,9 @@ def train_command(args: argparse.Namespace) -> int:
         for name, value in given.items():
             if getattr(saved, name) != getattr(config, name):
                 raise UserError(f"--{name.replace('_', '-')} {value} differs from the run being resumed in {out} "
-                                f"({getattr(saved, name)}); leave it out with --resume")
+                                f"({getattr(saved, name)}); leave it out with --resume, which only finishes an "
+                                "interrupted run with its own settings (a finished run cannot be extended: train "
+                                "again with --overwrite or another --out)")
         config = saved
     if args.resume and not (out / CHECKPOINT).exists():
         if not (out / CONFIG).exists():
@@ -246,22 +248,34 @@ def train_command(args: argparse.Namespace) -> int:
         test = examples.subset(parts.pop(0))
         held.append(f"test {len(test)}")
     quiet = args.quiet or args.json
-    if held and not quiet:
-        print(f"rnnmath: split {args.data} (stratified, seed {config.seed}): train {len(train_set)}, "
-              f"{', '.join(held)} sentences" + ("; no --test file was given, so 10% of --data is the test set"
-                                                if args.val and not args.test else ""), file=sys.stderr)
+    # said once training starts: a mistake train() finds first (--resume on other data) is said alone
+    pending = []
+    if held:
+        missing = ("; no --test file was given, so 10% of --data is the test set" if args.val and not args.test
+                   else "; no --val file was given, so 10% of --data is the validation set" if args.test
+                   and not args.val else "")
+        pending.append(f"rnnmath: split {args.data} (stratified, seed {config.seed}): train {len(train_set)}, "
+                       f"{', '.join(held)} sentences{missing}")
     empty = sum(1 for t in train_set.texts if not datamod.tokenize(t))
-    if empty and not quiet:
-        print(f"rnnmath: {empty} of {len(train_set)} training sentences have no token at all (see README "
-              "'Tokenizer'); they are read as empty sentences", file=sys.stderr)
+    if empty:
+        pending.append(f"rnnmath: {empty} of {len(train_set)} training sentences have no token at all (see README "
+                       "'Tokenizer'); they are read as empty sentences")
+    pending.append(f"training on {threads} thread(s)")
 
-    log = None if quiet else (lambda line: print(line, file=sys.stderr))
+    def say_pending() -> None:
+        while pending and not quiet:
+            print(pending.pop(0), file=sys.stderr)
+
+    def log(line: str) -> None:
+        say_pending()
+        print(line, file=sys.stderr)
+
+    log = None if quiet else log
     progress = not quiet and sys.stderr.isatty()
-    if log:
-        log(f"training on {threads} thread(s)")
     split = {"train": train_set, "val": val, "test": test}
     history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log,
-                    overwrite=args.overwrite, on_start=lambda out: write_split_record(out, split, reader_options(args)))
+                    overwrite=args.overwrite, on_start=lambda out: write_split_record(out, split, reader_options(args)),
+                    on_ready=say_pending)
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
     result = {"model": str(out), "train": len(train_set), "val": len(val), **history,
@@ -310,7 +324,7 @@ def add_evaluate_parser(subparsers) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .common import classification_metrics
-    from .model import held_out, load_model, read_split_record, training_overlap
+    from .model import held_out, load_model, read_split_record, repeated_sentences, training_overlap
     from .train import label_indices
 
     if (args.data is None) == (args.split is None):
@@ -331,10 +345,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if record is not None:
         overlap = training_overlap(record, examples.texts)
         metrics["train_overlap"] = overlap
-        if overlap and args.split != "train":
+        if overlap and args.split is None:
             print(f"rnnmath: warning: {overlap} of {len(examples)} evaluated sentences ({overlap / len(examples):.1%}) "
                   f"were also in the training data of {args.model}, so these figures overstate accuracy on new "
                   f"text; 'rnnmath evaluate {args.model} --split test' evaluates the held-out part", file=sys.stderr)
+        elif overlap and args.split != "train":  # the split kept lines apart: the file repeats sentences
+            source, repeated = repeated_sentences(record, args.split)
+            print(f"rnnmath: warning: {overlap} of {len(examples)} {args.split} sentences ({overlap / len(examples):.1%}) "
+                  f"have the same words as a training sentence, because {source} repeats sentences ({repeated} "
+                  "line(s) repeat an earlier one) and the split kept lines, not sentences, apart; these figures "
+                  "overstate accuracy on new text; remove the repeated lines from the file and train again "
+                  "to avoid it", file=sys.stderr)
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
         return 0

@@ -367,6 +367,16 @@ def training_overlap(record: dict, texts: Sequence[str]) -> int:
     return sum(1 for text in texts if sentence_key(text) in keys)
 
 
+def repeated_sentences(record: dict, part: str) -> tuple[str, int]:
+    """The file that ``part`` of a run came from, and how many of its sentences repeat an earlier one of it
+    (same key, see ``data.sentence_key``): the copies that a split can put on both sides of it."""
+    file = record["files"].get(record["parts"][part]["file"], {})
+    path = file.get("path", "")
+    examples = read_examples(path, **record["reader"])
+    keys = [k for k in map(sentence_key, examples.texts) if k is not None]
+    return path, len(keys) - len(set(keys))
+
+
 def held_out(directory: str | Path, part: str = "test") -> Examples:
     """Re-read exactly the ``part`` (train / val / test) of the run in ``directory`` from its original file,
     with the reader options of the run. UserError if the directory has no split record, the file is gone or

@@ -10,13 +10,16 @@ Shape letters: T time, H hidden units, C classes.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
 from collections.abc import Sequence
+import warnings
 from pathlib import Path
 
 import matplotlib
+import matplotlib.text
 
 matplotlib.use("Agg")  # before anything imports pyplot: files only, never a window
 
@@ -208,9 +211,35 @@ def vanishing_figure(curves: dict[str, Tensor], title: str) -> Figure:
 
 
 # -- files and the report ------------------------------------------------------------------------------------
+# Fonts tried after DejaVu Sans (matplotlib's own, which covers Latin, Greek, Cyrillic, Hebrew and some
+# Arabic) for the words of a sentence: matplotlib >= 3.6 falls back from one family to the next glyph by glyph.
+# Those installed are used; where none covers a script, its words show as boxes in the PNGs (the HTML page
+# writes the sentence as text, which the browser shows with its own fonts).
+FALLBACK_FONTS = ("Noto Sans", "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK KR", "Noto Sans Arabic",
+                  "Noto Sans Devanagari", "Noto Sans Thai", "Noto Sans Hebrew", "WenQuanYi Zen Hei",
+                  "Droid Sans Fallback", "Source Han Sans", "Arial Unicode MS")
+
+
+@functools.cache
+def font_families() -> list[str]:
+    """DejaVu Sans, then the installed ones of ``FALLBACK_FONTS``."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed)]
+
+
 def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes, its text in ``font_families()``; a glyph no installed font has is drawn as a
+    box without matplotlib's warning for each one (a sentence in another script would flood standard
+    error)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    with warnings.catch_warnings(), matplotlib.rc_context({"font.family": font_families()}):
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from")
+        warnings.filterwarnings("ignore", message=r"Matplotlib currently does not support")
+        for text in fig.findobj(matplotlib.text.Text):
+            text.set_fontfamily(font_families())
+        fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
 
 

@@ -141,13 +141,16 @@ def train(
     log: Callable[[str], None] | None = None,
     on_start: Callable[[Path], None] | None = None,
     overwrite: bool = False,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict:
     """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
     directory ``out`` (see rnnmath.model) and return its history.
 
     ``on_start(out)`` is called once a fresh run has written its description, to add files of the caller's
     (the CLI writes split.json there). With ``overwrite`` a run already in ``out`` is replaced: its files
-    (``model.RUN_FILES``, nothing else) are removed once the new run has passed its checks.
+    (``model.RUN_FILES``, nothing else) are removed once the new run has passed its checks. ``on_ready()`` is
+    called once every check has passed, just before the first batch (the CLI says there what it chose, so
+    that an error found first is said alone).
 
     With ``resume`` the run continues from ``out``'s checkpoint: config, vocabulary and labels come from
     ``out``, and the data must be the same as before.
@@ -214,7 +217,12 @@ def train(
         if state["data"] != data_id:
             raise UserError(f"--resume: the training/validation data differ from those of the run in {out}")
         if state["done"]:
+            if log:
+                log(f"the run in {readable(out)} had already finished ({len(state['history'])} epochs); --resume "
+                    "has nothing to do (a finished run cannot be extended)")
             return _finish(state, log)
+    if on_ready is not None and distributed.is_main():
+        on_ready()
     net = distributed.wrap(model)  # DDP over several processes; the model itself when alone
     batches_per_epoch = math.ceil(len(y) / (config.batch_size * distributed.world_size()))
     bar = tqdm(total=config.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
