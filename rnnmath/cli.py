@@ -28,8 +28,8 @@ import traceback
 from pathlib import Path
 
 from . import data as datamod
-from .config import PRESETS, Config
 from .common import readable
+from .config import PRESETS, Config
 from .data import Examples, read_examples
 from .errors import Interrupted, UserError
 
@@ -143,8 +143,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting configuration; 'seed' is the seed's tanh RNN (default: default)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (an error where "
-                   "--out holds no run)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out with its own "
+                   "settings (an error where --out holds no run; a finished run cannot be extended)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its model files only); "
                    "without it, an --out that holds a run is an error")
     p.add_argument("--json", action="store_true", help="print the history and test metrics as one JSON object")
@@ -351,11 +351,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   f"text; 'rnnmath evaluate {args.model} --split test' evaluates the held-out part", file=sys.stderr)
         elif overlap and args.split != "train":  # the split kept lines apart: the file repeats sentences
             source, repeated = repeated_sentences(record, args.split)
-            print(f"rnnmath: warning: {overlap} of {len(examples)} {args.split} sentences ({overlap / len(examples):.1%}) "
-                  f"have the same words as a training sentence, because {source} repeats sentences ({repeated} "
-                  "line(s) repeat an earlier one) and the split kept lines, not sentences, apart; these figures "
-                  "overstate accuracy on new text; remove the repeated lines from the file and train again "
-                  "to avoid it", file=sys.stderr)
+            share = f"{overlap / len(examples):.1%}"
+            print(f"rnnmath: warning: {overlap} of {len(examples)} {args.split} sentences ({share}) have the same "
+                  f"words as a training sentence, because {source} repeats sentences ({repeated} line(s) repeat an "
+                  "earlier one) and the split kept lines, not sentences, apart; these figures overstate accuracy "
+                  "on new text; remove the repeated lines from the file and train again to avoid it",
+                  file=sys.stderr)
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
         return 0

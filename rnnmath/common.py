@@ -60,7 +60,8 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise UserError(f"{readable(path)}: cannot be written ({e.strerror or e}); the previous file is kept") from None
+            raise UserError(f"{readable(path)}: cannot be written ({e.strerror or e}); the previous file is "
+                            "kept") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

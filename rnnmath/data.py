@@ -169,11 +169,12 @@ def read_examples(
     or the string ``"2"``) are 1-based column positions of a file WITHOUT a header (tsv, csv), where then
     every line is data. Both must be names or both numbers.
 
-    Header (tsv, csv with column numbers; label-first): ``header=None`` stops with a UserError when line 1 looks like a
-    header (its label occurs on no other line, as a header's "label" does), so that a header is never trained
-    on as a class; ``True`` skips line 1, ``False`` reads it as data. ``True`` with column names requires them
-    in line 1 (tsv); ``False`` needs column numbers (or label-first). Label-first lines that mostly hold a TAB
-    (a TSV file) are a UserError suggesting ``--format tsv``.
+    Header (tsv, csv with column numbers; label-first): ``header=None`` stops with a UserError when line 1
+    looks like a header (its label occurs on no other line while the other lines' labels repeat, as a
+    header's "label" does), so that a header is never trained on as a class; ``True`` skips line 1, ``False``
+    reads it as data. ``True`` with column names requires them in line 1 (tsv); ``False`` needs column numbers
+    (or label-first). Label-first lines that mostly hold a TAB (a TSV file) are a UserError suggesting
+    ``--format tsv``.
 
     Encoding: any codec name Python knows (``utf-8`` by default, a BOM allowed); ``auto`` reads UTF-8 and, if
     the bytes are not valid UTF-8, Windows-1252, adding a sentence saying so to ``Examples.notes``.
@@ -229,7 +230,8 @@ def read_examples(
         reader.examples = examples = examples.subset(keep)
         examples.notes, examples.skipped = notes, skipped
     elif numbered and header is None and len(examples) > 2 and examples.lines[0] == first \
-            and examples.labels.count(examples.labels[0]) == 1:
+            and examples.labels.count(examples.labels[0]) == 1 \
+            and len(set(examples.labels[1:])) < len(examples) - 1:  # the other labels repeat: a label set
         names = (f"name the columns instead (--text-column {examples.texts[0]} --label-column "
                  f"{examples.labels[0]}), or " if i_text is not None else "")
         raise UserError(f"{readable(name)} line {first}: looks like a header (its label {examples.labels[0]!r} "

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 
 from . import Recurrent
 from .cells import CELLS
-from .config import ACTIVATION_NAMES, POOLINGS, PRESETS, Config  # noqa: F401  (re-exported)
 from .common import json_bytes, readable
+from .config import ACTIVATION_NAMES, POOLINGS, PRESETS, Config  # noqa: F401  (re-exported)
 from .data import Examples, Vocabulary, atomic_write, encode, read_examples, sentence_key
 from .errors import UserError
 

@@ -14,8 +14,8 @@ import functools
 import html
 import io
 import math
-from collections.abc import Sequence
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
