@@ -32,6 +32,7 @@ from .common import readable
 from .config import PRESETS, Config
 from .data import Examples, read_examples
 from .errors import Interrupted, UserError
+from .lm_config import LM_PRESETS, LMConfig
 
 _COMMAND: str | None = None  # the subcommand this process runs, once main has seen argv (None: all)
 
@@ -132,7 +133,7 @@ def read_data(args: argparse.Namespace, path: str) -> Examples:
 
 # -- train -------------------------------------------------------------------------------------------------
 def add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a sentence classifier",
+    p = subparsers.add_parser("train", help="train a sentence classifier, or a language model (--task lm)",
                               description="Train a sentence classifier and write its model directory. With only "
                               "--data, that file is split (stratified, seeded) 80/10/10 into "
                               "train/validation/test; --val and --test give those parts as files instead (--val alone: "
@@ -141,8 +142,11 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--val", metavar="FILE", help="validation sentences (early stopping, choice of epoch)")
     p.add_argument("--test", metavar="FILE", help="test sentences, evaluated once at the end")
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="starting configuration; 'seed' is the seed's tanh RNN (default: default)")
+    p.add_argument("--preset", choices=sorted(PRESETS) + sorted(LM_PRESETS), default="default",
+                   help="starting configuration; 'seed' is the seed's tanh RNN; char-rnn and zaremba-small are "
+                        "language models (imply --task lm; docs/language_models.md) (default: default)")
+    p.add_argument("--task", choices=["classify", "lm"], default=None,
+                   help="a sentence classifier, or a language model of the text (default: classify)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out with its own "
                    "settings (an error where --out holds no run; a finished run cannot be extended)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its model files only); "
@@ -157,11 +161,75 @@ def add_train_parser(subparsers) -> None:
                    help="allow up to N distinct labels (default: 50, and labels must not be unique to most rows: "
                         "such a label column is text, e.g. columns swapped)")
     add_config_flags(p)
+    add_lm_flags(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_train)
 
 
+def add_lm_flags(parser: argparse.ArgumentParser) -> None:
+    """The language model's flags that the classifier lacks, one per field of ``LMConfig``, and --time-limit."""
+    group = parser.add_argument_group("language model (--task lm; defaults: the preset's, char-rnn without one)")
+    shared = {f.name for f in dataclasses.fields(Config)}
+    for f in dataclasses.fields(LMConfig):
+        if f.name in shared:
+            continue
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        elif meta["choices"] is not None:
+            group.add_argument(flag, choices=meta["choices"], default=None, help=meta["help"])
+        else:
+            kind = int if f.type == "int" else float
+            group.add_argument(flag, type=_number(kind, meta["low"], meta["high"]), default=None,
+                               metavar=f.name.upper(), help=meta["help"])
+    group.add_argument("--time-limit", type=_number(float, 1e-6, 1e7), default=None, metavar="MINUTES",
+                       help="stop after the window that passes MINUTES of wall time: evaluate, save, and exit; "
+                            "--resume continues")
+
+
+def lm_train_command(args: argparse.Namespace) -> int:
+    """``train --task lm``: the flags of LMConfig the user gave go to rnnmath.language_model.run_train."""
+    from . import language_model
+
+    lm_fields = {f.name for f in dataclasses.fields(LMConfig)}
+    for f in dataclasses.fields(Config):
+        if f.name not in lm_fields and getattr(args, f.name) is not None:
+            raise UserError(f"--{f.name.replace('_', '-')} is a flag of the classifier, not of --task lm")
+    if args.workers != 1:
+        raise UserError("--workers: a language model trains in one process; leave --workers out")
+    if args.max_labels is not None:
+        raise UserError("--max-labels is a flag of the classifier, not of --task lm")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+    set_threads(args)
+    if args.preset in PRESETS and args.preset != "default":
+        raise UserError(f"--preset {args.preset} is a classifier's; a language model takes "
+                        f"{' or '.join(sorted(LM_PRESETS))}")
+    given = {name: getattr(args, name) for name in lm_fields if getattr(args, name, None) is not None}
+    return language_model.run_train(args, given)
+
+
+def task_of(directory: str) -> str:
+    """The task a model directory was trained for ("classify" or "lm"), read from its config.json without
+    torch; "classify" when it cannot be read (the classifier's loader then says what is wrong)."""
+    try:
+        document = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "classify"
+    return document.get("task", "classify") if isinstance(document, dict) else "classify"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.task == "lm" or (args.task is None and args.preset in LM_PRESETS):
+        return lm_train_command(args)
+    if args.preset in LM_PRESETS:
+        raise UserError(f"--preset {args.preset} is a language model's; use it with --task lm")
+    for f in dataclasses.fields(LMConfig):
+        if hasattr(args, f.name) and f.name not in {g.name for g in dataclasses.fields(Config)} \
+                and getattr(args, f.name) is not None:
+            raise UserError(f"--{f.name.replace('_', '-')} is a flag of --task lm, not of the classifier")
+    if args.time_limit is not None:
+        raise UserError("--time-limit is a flag of --task lm, not of the classifier")
     from . import distributed
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -299,6 +367,42 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- cv --------------------------------------------------------------------------------------------------
+def add_cv_parser(subparsers) -> None:
+    p = subparsers.add_parser("cv", help="stratified k-fold cross-validation of a training configuration",
+                              description="Stratified k-fold cross-validation (rnnmath.crossval): each fold is "
+                              "the test part once; 10%% of the other folds (stratified) is the validation part. "
+                              "Prints mean ± std of accuracy and macro-F1; writes every fold's model and "
+                              "--out/cv.json.")
+    p.add_argument("--data", required=True, metavar="FILE", help="labelled sentences")
+    p.add_argument("--folds", type=_number(int, 2, 1000), default=10, metavar="K", help="folds (default: 10)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for fold-*/ models and cv.json")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="starting configuration")
+    p.add_argument("--processes", type=_number(int, 1, 256), default=1, metavar="N",
+                   help="train N folds at a time, one process and one thread each (default: 1)")
+    p.add_argument("--json", action="store_true", help="print the result (every fold) as one JSON object")
+    add_config_flags(p)
+    add_data_flags(p)
+    p.set_defaults(func=cmd_cv)
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from .crossval import cross_validate
+
+    config, _ = config_from_args(args)
+    examples = read_data(args, args.data)
+    log = None if args.json else (lambda line: print(line, file=sys.stderr))
+    result = cross_validate(config, examples, args.out, folds=args.folds, workers=args.processes, log=log)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        acc, f1 = result["accuracy"], result["macro_f1"]
+        print(f"{args.folds}-fold cross-validation of {len(examples)} sentences: accuracy {acc['mean']:.4f} ± "
+              f"{acc['std']:.4f}, macro F1 {f1['mean']:.4f} ± {f1['std']:.4f} (mean ± std over folds); "
+              f"details in {Path(args.out) / 'cv.json'}")
+    return 0
+
+
 def _saved_config(out: Path) -> Config:
     from .model import CONFIG, config_from_dict, read_json
 
@@ -323,6 +427,14 @@ def add_evaluate_parser(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if task_of(args.model) == "lm":
+        from . import language_model
+
+        if args.data is None or args.split is not None:
+            raise UserError("a language model is evaluated on --data FILE (the --split of a classifier's run does "
+                            "not apply)")
+        set_threads(args)
+        return language_model.run_evaluate(args)
     from .common import classification_metrics
     from .model import held_out, load_model, read_split_record, repeated_sentences, training_overlap
     from .train import label_indices
@@ -396,6 +508,8 @@ def add_predict_parser(subparsers) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if task_of(args.model) == "lm":
+        raise UserError(f"{args.model} holds a language model; use 'rnnmath generate' or 'rnnmath evaluate'")
     from .model import load_model
 
     set_threads(args)
@@ -459,6 +573,38 @@ def _decode_lines(raw: list[bytes], before: int) -> list[str]:
 def read_stdin_lines() -> list[str]:
     """All of standard input as lines (see ``stdin_batches``)."""
     return [line for batch in stdin_batches() for line in batch]
+
+
+# -- generate (language models) ---------------------------------------------------------------------------
+def add_generate_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="sample text from a language model",
+                              description="Run --prompt through a language model trained with 'rnnmath train "
+                              "--task lm', then sample tokens and print them as they come. The same model, "
+                              "prompt and --seed give the same text.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train --task lm'")
+    p.add_argument("--prompt", default="", help="text to start from (default: none, a new line)")
+    p.add_argument("--length", type=_number(int, 0, 10_000_000), default=500, metavar="N",
+                   help="tokens to sample (default: 500)")
+    p.add_argument("--temperature", type=_number(float, 0, 100), default=1.0, metavar="T",
+                   help="divide the logits by T; below 1 more likely, above 1 more varied text; 0 takes the "
+                        "most probable token (default: 1)")
+    p.add_argument("--top-k", type=_number(int, 0, 10_000_000), default=0, metavar="K",
+                   help="draw among the K most probable tokens only; 0: all (default: 0)")
+    p.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0, help="seed of the draws (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (prompt, text, ...) at the end")
+    add_threads_flag(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if task_of(args.model) != "lm":
+        raise UserError(f"{args.model}: not a language model (its config.json lacks \"task\": \"lm\"); "
+                        "train one with 'rnnmath train --task lm'")
+    from . import language_model
+
+    args.prompt = text_argument(args.prompt, "--prompt")
+    set_threads(args)
+    return language_model.run_generate(args)
 
 
 # -- demo --------------------------------------------------------------------------------------------------
@@ -618,13 +764,18 @@ def add_inspect_parser(subparsers) -> None:
                               "self-contained page) and its figures as PNG: the prediction after each word, the "
                               "hidden states and gates, the gradient through time and each word's attribution.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
-    p.add_argument("text", help="the sentence to read")
+    p.add_argument("text", help="the sentence to read (a language model: the passage, or @FILE to read it from FILE)")
     p.add_argument("--out", required=True, metavar="OUTDIR", help="directory for report.html and the PNGs")
     p.add_argument("--json", action="store_true", help="also print the numbers as one JSON object")
     p.set_defaults(func=cmd_inspect)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if task_of(args.model) == "lm":
+        from . import language_model
+
+        args.text = text_argument(args.text, "TEXT")
+        return language_model.run_inspect(args)
     from . import flow, plots
     from .model import HISTORY, load_model
 
@@ -721,8 +872,8 @@ class _NoWorkers:
 
 
 # -- entry point -------------------------------------------------------------------------------------------
-SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser,
-               add_bench_parser, add_inspect_parser, add_flow_parser]
+SUBCOMMANDS = [add_train_parser, add_cv_parser, add_evaluate_parser, add_predict_parser, add_generate_parser,
+               add_demo_parser, add_datasets_parser, add_bench_parser, add_inspect_parser, add_flow_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
