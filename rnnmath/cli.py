@@ -790,7 +790,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = plots.write_reading_report(reading, args.out, {"directory": args.model, "cell": trained.config.cell,
                                                           "test_accuracy": accuracy})
     if args.json:
-        print(json.dumps({**reading.to_json(), "report": str(path)}, ensure_ascii=False))
+        print(json.dumps({**reading.to_json(), "report": readable(path)}, ensure_ascii=False))
     else:
         print(readable(path))
     return 0

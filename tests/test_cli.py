@@ -422,17 +422,22 @@ def one_line_error(code, err, message: str) -> None:
 
 
 @pytest.mark.parametrize("where", ["existing file", "impossible"])
-@pytest.mark.parametrize("command", ["train", "inspect", "flow", "demo"])
+@pytest.mark.parametrize("command", ["train", "train-lm", "cv", "inspect", "flow", "demo"])
 def test_every_out_that_cannot_be_written_is_exit_2_one_line(command, where, trained, order_files, tmp_path,
                                                              capsys):
     (tmp_path / "existing.txt").write_text("mine\n")
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. the dog sat on the log.\n" * 30)
     out = str(tmp_path / "existing.txt") if where == "existing file" else "/proc/nope/r"
     argv = {"train": ["train", "--data", str(order_files["train"]), *TINY],
+            "train-lm": ["train", "--task", "lm", "--data", str(tmp_path / "text.txt"), "--bptt", "10",
+                         "--batch-size", "4", "--epochs", "1", "--threads", "1"],
+            "cv": ["cv", "--data", str(order_files["train"]), "--folds", "2", "--epochs", "1"],
             "inspect": ["inspect", str(trained), "good"],
             "flow": ["flow", "--cells", "rnn", "--steps", "3", "--batch", "2", "--hidden", "2"],
             "demo": ["demo", "--quick"]}[command]
     code, _, err = run(capsys, *argv, "--out", out)
-    one_line_error(code, err, f"{out}: cannot be written (")
+    one_line_error(code, err, f"{out}/config.json: cannot be written (" if command == "train-lm"
+                   else f"{out}: cannot be written (")
     assert (tmp_path / "existing.txt").read_text() == "mine\n"  # loses nothing
 
 
@@ -474,6 +479,9 @@ def test_non_utf8_bytes_in_data_and_out_paths(order_files, tmp_path, capsys):
     assert code == 0 and json.loads(stdout)["n"] == 24, err
     code, stdout, err = run(capsys, "predict", str(out), "good")
     assert code == 0 and stdout.endswith("\tgood\n"), err
+    code, stdout, err = run(capsys, "inspect", str(out), "good", "--out", str(tmp_path / os.fsdecode(b"i\xe9")),
+                            "--json")
+    assert code == 0 and json.loads(stdout)["report"] == str(tmp_path) + "/i\\xe9/report.html", err
     (out / "model.safetensors").write_bytes(b"damaged")
     code, _, err = run(capsys, "predict", str(out), "good")
     one_line_error(code, err, f"{shown_out}/model.safetensors: not a readable safetensors file")
