@@ -279,7 +279,7 @@ td, th {{ padding: 2px 8px; border-bottom: 1px solid #eee; text-align: right; }}
 </body></html>
 """
     path = out_dir / "report.html"
-    atomic_write(path, readable(page).encode("utf-8"))  # a non-UTF-8 byte of a path shows as \\xe9
+    atomic_write(path, readable(page).encode("utf-8"))  # a non-UTF-8 byte of a path shows as \xe9
     return path
 
 
