@@ -96,6 +96,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict]:
     return dataclasses.replace(PRESETS[args.preset], **given).validate(), given
 
 
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
+                        help="where the model runs: cpu, cuda (cuda:N), or auto = cuda when a GPU is seen "
+                             "(default: cpu)")
+
+
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading data files")
     group.add_argument("--format", choices=datamod.FORMATS, default="auto",
@@ -157,6 +163,7 @@ def add_train_parser(subparsers) -> None:
                    help="train with N local processes (data-parallel, through torch.distributed's launcher, "
                         "as torchrun --nproc_per_node=N does); --batch-size is per process (default: 1)")
     add_threads_flag(p)
+    add_device_flag(p)
     p.add_argument("--max-labels", type=_number(int, 2, 10_000_000), default=None, metavar="N",
                    help="allow up to N distinct labels (default: 50, and labels must not be unique to most rows: "
                         "such a label column is text, e.g. columns swapped)")
@@ -343,14 +350,14 @@ def train_command(args: argparse.Namespace) -> int:
     split = {"train": train_set, "val": val, "test": test}
     history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log,
                     overwrite=args.overwrite, on_start=lambda out: write_split_record(out, split, reader_options(args)),
-                    on_ready=say_pending)
+                    on_ready=say_pending, device=args.device)
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
     result = {"model": str(out), "train": len(train_set), "val": len(val), **history,
               "val_source": args.val or f"{'10%' if args.test else '10% (of 80/10/10)'} of {args.data}",
               "test_source": args.test or f"{'10%' if args.val else '10% (of 80/10/10)'} of {args.data}"}
     if len(test):
-        trained = load_model(out)
+        trained = load_model(out, args.device)
         predicted = trained.predict(test.texts).argmax(1)
         result["test"] = classification_metrics(label_indices(test, trained.labels).tolist(), predicted.tolist(),
                                                 trained.labels)
@@ -422,6 +429,7 @@ def add_evaluate_parser(subparsers) -> None:
                    help="evaluate this part of the run's split instead of --data")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, macro_f1, n, ...)")
     add_threads_flag(p)
+    add_device_flag(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -442,7 +450,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if (args.data is None) == (args.split is None):
         raise UserError("give either --data FILE or --split test|val|train")
     set_threads(args)
-    trained = load_model(args.model)
+    trained = load_model(args.model, args.device)
     if args.split:
         examples = held_out(args.model, args.split)
         for note in examples.notes:
@@ -504,6 +512,7 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: text, label, probabilities (label -> probability)")
     add_threads_flag(p)
+    add_device_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -514,7 +523,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     set_threads(args)
     texts = [text_argument(t, "TEXT") for t in args.texts]
-    trained = load_model(args.model)
+    trained = load_model(args.model, args.device)
 
     def answer(texts: list[str]) -> None:
         probabilities = trained.predict(texts)
@@ -846,6 +855,80 @@ def cmd_flow(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve and export (rnnmath/serve.py, rnnmath/export.py, docs/serving.md) ---------------------------------
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="answer predictions over HTTP (POST /predict, GET /health, GET /info)",
+                              description="Serve a trained model over HTTP until SIGTERM or Ctrl-C, which finish "
+                              "the requests in flight and exit with 0. Concurrent requests are joined into one "
+                              "forward pass of up to --max-batch texts, waiting at most --max-delay-ms for "
+                              "company. Needs the 'serve' extra: pip install 'rnnmath[serve]'. See docs/serving.md.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="TCP port; 0 picks a free one, "
+                   "printed at start (default: 8000)")
+    p.add_argument("--max-batch", type=_number(int, 1, 1_000_000), default=64, metavar="N",
+                   help="most texts in one forward pass; 1 turns batching off (default: 64)")
+    p.add_argument("--max-delay-ms", type=_number(float, 0, 60_000), default=5.0, metavar="MS",
+                   help="longest a request waits for others to join its forward pass (default: 5)")
+    p.add_argument("--max-texts", type=_number(int, 1, 10_000_000), default=1000, metavar="N",
+                   help="most texts in one request; more get 413 (default: 1000)")
+    p.add_argument("--max-body-bytes", type=_number(int, 1, 2**40), default=1 << 20, metavar="N",
+                   help="largest request body; larger get 413 (default: 1048576)")
+    p.add_argument("--threads", type=_number(int, 1, 4096), default=1, metavar="N",
+                   help="torch's intra-op threads for the forward passes (default: 1; see docs/serving.md)")
+    add_device_flag(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from . import serve
+    except ImportError as e:
+        raise UserError(f"rnnmath serve needs the 'serve' extra ({e.name} is not installed): "
+                        "pip install 'rnnmath[serve]'") from None
+    import torch
+
+    # measured (docs/serving.md): with 2 threads on a busy machine OpenMP stalls made batched passes ~30x
+    # slower; small passes gain little from intra-op threads anyway
+    torch.set_num_threads(args.threads)
+    service = serve.ClassifierService(args.model, args.max_batch, args.max_delay_ms / 1000, args.device)
+    limits = serve.Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts)
+
+    def announce(url: str) -> None:
+        print(f"rnnmath: serving {args.model} on {url} (POST /predict, GET /health, GET /info); Ctrl-C or SIGTERM "
+              "stops", file=sys.stderr, flush=True)
+
+    serve.serve(service, args.host, args.port, limits, announce=announce)
+    print("rnnmath: server stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def add_export_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write the model as ONNX, to run outside Python",
+                              description="Write a trained classifier as an ONNX graph: inputs ids int64 (B, T) "
+                              "and lengths int64 (B,), output probabilities float32 (B, C), batch and time axes "
+                              "dynamic; the vocabulary and labels go beside it (OUT.vocab.json, OUT.labels.json). "
+                              "The graph is checked with onnxruntime against the model before the command ends. "
+                              "Needs the 'export' extra: pip install 'rnnmath[export]'. See docs/serving.md.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from . import export
+    except ImportError as e:
+        raise UserError(f"rnnmath export needs the 'export' extra ({e.name} is not installed): "
+                        "pip install 'rnnmath[export]'") from None
+    result = export.export_onnx(args.model, args.out)
+    print(f"wrote {result.onnx} with {result.vocab} and {result.labels}; onnxruntime agrees with the model "
+          f"within {result.max_difference:.1e} on {result.checked}")
+    return 0
+
+
 def _workers():
     """rnnmath.distributed where the command imported it (train); where not, nothing runs in several
     processes, and a stand-in answers for it without importing torch."""
@@ -873,7 +956,8 @@ class _NoWorkers:
 
 # -- entry point -------------------------------------------------------------------------------------------
 SUBCOMMANDS = [add_train_parser, add_cv_parser, add_evaluate_parser, add_predict_parser, add_generate_parser,
-               add_demo_parser, add_datasets_parser, add_bench_parser, add_inspect_parser, add_flow_parser]
+               add_demo_parser, add_datasets_parser, add_bench_parser, add_inspect_parser, add_flow_parser,
+               add_serve_parser, add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
