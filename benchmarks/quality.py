@@ -1,11 +1,29 @@
-"""Quality on real data: amazon + yelp sentences (UCI Sentiment Labelled Sentences), 2,000 in all.
+"""Quality on real data: rnnmath's presets against TF-IDF + logistic regression and fastText, on the same splits.
 
-For each split seed: a stratified 80/20 train/test split; the RNN presets take 10% of the training part
-(stratified) as validation for early stopping; the bag-of-words logistic regression fits the whole training
-part. Prints test accuracy mean ± std over the seeds as a markdown table (or JSON with --json).
+Data sets (read from ../shared/data, see its SOURCES.md):
 
-    .venv/bin/python benchmarks/quality.py [--seeds 5] [--data-dir ../shared/data] [--json]
-    .venv/bin/python benchmarks/quality.py --presets default --set hidden=128 --set dropout=0.4   # tuning
+* ``mr``, ``subj``, ``cr`` (Kim 2014's MR, Subj, CR): stratified k-fold cross-validation (``--folds``, the
+  literature uses 10), folds from ``rnnmath.crossval.stratified_folds`` with seed 0;
+* ``trec``: the fixed 5,452 / 500 train/test split;
+* ``amazon_yelp``: the UCI Amazon + Yelp sentences (2,000), stratified 80/20 splits, one per split seed
+  (``--folds`` of them).
+
+In every split all systems see the same parts: a stratified 10% of the training part is the validation part
+(ours: early stopping and choice of epoch; the baselines: choice of their hyper-parameters); every system is
+fitted on the other 90% and scored once on the test part. Systems:
+
+* ``ours``: ``rnnmath.train.train`` with a preset (``--preset``, ``--set FIELD=VALUE`` overrides);
+* ``tfidf``: scikit-learn TF-IDF of word 1–2-grams (sublinear tf, rnnmath's tokenizer) + logistic
+  regression, C from {0.1, 0.3, 1, 3, 10, 30, 100} chosen on the validation part;
+* ``fasttext``: fastText supervised (word bigrams, dim 100, 200,000 hash buckets, one thread, training
+  lines shuffled), epoch from {5, 10, 25} and lr
+  from {0.1, 0.5, 1.0} chosen on the validation part.
+
+scikit-learn and fasttext are benchmark-only dependencies (``pip install -e .[benchmarks]``).
+
+    .venv/bin/python benchmarks/quality.py --datasets mr,trec --folds 10 --json > run.json
+    .venv/bin/python benchmarks/quality.py --only-splits 0,1 --json > a.json   # one process per part ...
+    .venv/bin/python benchmarks/quality.py --merge a.json b.json --doc-table    # ... then one table
 """
 
 from __future__ import annotations
@@ -13,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -23,37 +42,112 @@ from pathlib import Path
 import torch
 
 from rnnmath import data
+from rnnmath.crossval import stratified_folds
 from rnnmath.model import PRESETS, load_model
-from rnnmath.train import BagOfWordsLogReg, label_indices, train
+from rnnmath.train import classification_metrics, label_indices, train
 
-FILES = ("sentiment_labelled_sentences/amazon_cells_labelled.txt", "sentiment_labelled_sentences/yelp_labelled.txt")
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+KIM = {"mr": "kim2014/rt-polarity.all", "subj": "kim2014/subj.all", "cr": "kim2014/custrev.all"}
+UCI = ("sentiment_labelled_sentences/amazon_cells_labelled.txt", "sentiment_labelled_sentences/yelp_labelled.txt")
+DATASETS = ("mr", "subj", "trec", "cr", "amazon_yelp")
+SYSTEMS = ("ours", "tfidf", "fasttext")
+# Kim (2014), Table 2 (test accuracy %)
+CITED = {"CNN-rand (Kim 2014)": {"mr": 76.1, "subj": 89.6, "trec": 91.2, "cr": 79.8},
+         "CNN-non-static, word2vec (Kim 2014)": {"mr": 81.5, "subj": 93.4, "trec": 93.6, "cr": 84.3}}
 
 
-def load_sentences(data_dir: str | None) -> data.Examples:
-    if data_dir is None and data.default_data_dir() is None and SHARED.is_dir():
-        data_dir = str(SHARED)
-    root = data.locate("sentiment-labelled-sentences", data_dir)
-    return data.Examples.concat([data.read_examples(root / f) for f in FILES])
+def read_label_first(path: Path) -> data.Examples:
+    """Kim's files: ``<label><space><text>`` a line; MR and Subj are Windows-1252 (``encoding="auto"``)."""
+    return data.read_examples(path, format="label-first", encoding="auto")
 
 
-def run_preset(name: str, overrides: dict, examples: data.Examples, train_idx, test_idx, seed: int) -> float:
-    config = dataclasses.replace(PRESETS[name], **overrides, seed=seed).validate()
-    train_part = examples.subset(train_idx)
-    fit_idx, val_idx = data.stratified_split(train_part.labels, [0.9, 0.1], seed)
-    test = examples.subset(test_idx)
+def splits(name: str, root: Path, k: int) -> list[tuple[data.Examples, data.Examples]]:
+    """(training part, test part) of each split of data set ``name``."""
+    if name in KIM:
+        examples = read_label_first(root / KIM[name])
+        folds = stratified_folds(examples.labels, k, 0)
+        return [(examples.subset(sorted(i for g, fold in enumerate(folds) if g != f for i in fold)),
+                 examples.subset(folds[f])) for f in range(k)]
+    if name == "trec":
+        return [(read_label_first(root / "kim2014/TREC.train.all"), read_label_first(root / "kim2014/TREC.test.all"))]
+    examples = data.Examples.concat([data.read_examples(root / f) for f in UCI])
+    return [tuple(examples.subset(part) for part in data.stratified_split(examples.labels, [0.8, 0.2], seed))
+            for seed in range(k)]
+
+
+def validation_split(train_part: data.Examples) -> tuple[data.Examples, data.Examples]:
+    fit, val = data.stratified_split(train_part.labels, [0.9, 0.1], 0)
+    return train_part.subset(fit), train_part.subset(val)
+
+
+def run_ours(config, fit, val, test) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        train(config, train_part.subset(fit_idx), train_part.subset(val_idx), out)
+        start = time.perf_counter()
+        history = train(config, fit, val, out)
+        seconds = time.perf_counter() - start
         trained = load_model(out)
         predicted = trained.predict(test.texts).argmax(1)
-        return (predicted == label_indices(test, trained.labels)).double().mean().item()
+        metrics = classification_metrics(label_indices(test, trained.labels).tolist(), predicted.tolist(),
+                                         trained.labels)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds,
+            "chosen": {"best_epoch": history["best_epoch"], "epochs": len(history["epochs"]),
+                       "val_accuracy": history["best_val_accuracy"]}}
 
 
-def run_bow(examples: data.Examples, train_idx, test_idx) -> float:
-    train_part, test = examples.subset(train_idx), examples.subset(test_idx)
-    labels = sorted(set(train_part.labels))
-    model = BagOfWordsLogReg(vocab_size=400).fit(train_part.texts, label_indices(train_part, labels), len(labels))
-    return (model.predict(test.texts) == label_indices(test, labels)).double().mean().item()
+def run_tfidf(fit, val, test) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+
+    start = time.perf_counter()
+    vectorizer = TfidfVectorizer(tokenizer=data.tokenize, lowercase=False, token_pattern=None,
+                                 ngram_range=(1, 2), sublinear_tf=True)
+    x_fit = vectorizer.fit_transform(fit.texts)
+    x_val = vectorizer.transform(val.texts)
+    best = None
+    for C in (0.1, 0.3, 1, 3, 10, 30, 100):
+        model = LogisticRegression(C=C, max_iter=5000).fit(x_fit, fit.labels)
+        score = accuracy_score(val.labels, model.predict(x_val))
+        if best is None or score > best[0]:
+            best = (score, C, model)
+    seconds = time.perf_counter() - start
+    predicted = best[2].predict(vectorizer.transform(test.texts))
+    return {"accuracy": accuracy_score(test.labels, predicted), "seconds": seconds, "chosen": {"C": best[1]},
+            "macro_f1": f1_score(test.labels, predicted, average="macro")}
+
+
+def run_fasttext(fit, val, test) -> dict:
+    import random
+
+    import fasttext
+    from sklearn.metrics import f1_score
+
+    def line(text: str) -> str:
+        return " ".join(data.tokenize(text))
+
+    def label(model, text: str) -> str:
+        # the binding's own predict (model.f): FastText.predict fails under NumPy 2 (np.array(copy=False))
+        return model.f.predict(line(text) + "\n", 1, 0.0, "strict")[0][1].removeprefix("__label__")
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.txt"
+        lines = [f"__label__{y} {line(t)}\n" for t, y in zip(fit.texts, fit.labels)]
+        random.Random(0).shuffle(lines)  # fastText reads the file in order: label-sorted lines ruin it
+        path.write_text("".join(lines))
+        best = None
+        for epoch in (5, 10, 25):
+            for lr in (0.1, 0.5, 1.0):
+                model = fasttext.train_supervised(input=str(path), wordNgrams=2, dim=100, epoch=epoch, lr=lr,
+                                                  bucket=200_000, thread=1, seed=0, verbose=0)
+                predicted = [label(model, t) for t in val.texts]
+                score = statistics.fmean(p == y for p, y in zip(predicted, val.labels))
+                if best is None or score > best[0]:
+                    best = (score, {"epoch": epoch, "lr": lr}, model)
+    seconds = time.perf_counter() - start
+    predicted = [label(best[2], t) for t in test.texts]
+    return {"accuracy": statistics.fmean(p == y for p, y in zip(predicted, test.labels)), "seconds": seconds,
+            "chosen": best[1], "macro_f1": f1_score(test.labels, predicted, average="macro")}
 
 
 def parse_set(items: list[str]) -> dict:
@@ -64,77 +158,95 @@ def parse_set(items: list[str]) -> dict:
     return overrides
 
 
+def summarise(rows: list[dict]) -> dict:
+    """{(dataset, system): {"accuracy": [...], "macro_f1": [...], "seconds": [...]}} as nested dicts."""
+    table: dict = {}
+    for r in rows:
+        cell = table.setdefault(r["dataset"], {}).setdefault(r["system"], {"split": [], "accuracy": [],
+                                                                            "macro_f1": [], "seconds": []})
+        for key in cell:
+            cell[key].append(r[key])
+    return table
+
+
+def markdown(rows: list[dict]) -> str:
+    table = summarise(rows)
+    names = [d for d in DATASETS if d in table]
+    systems = list(dict.fromkeys(s for d in names for s in table[d]))
+
+    def cell(values: list[float], scale=100.0) -> str:
+        mean = statistics.fmean(values) * scale
+        return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+    lines = ["| system | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for s in systems:
+        lines.append(f"| {s} | " + " | ".join(cell(table[d][s]["accuracy"]) if s in table[d] else "–"
+                                             for d in names) + " |")
+    for name, figures in CITED.items():
+        lines.append(f"| {name}, cited | " + " | ".join(f"{figures[d]:.1f}" if d in figures else "–"
+                                                         for d in names) + " |")
+    lines += ["", "Macro-F1 (%) and training seconds per run (mean over the runs; ours: one training with early "
+              "stopping; baselines: their whole validation grid):", "",
+              "| system | " + " | ".join(f"{d} F1 | {d} s" for d in names) + " |",
+              "|---|" + "---|---|" * len(names)]
+    for s in systems:
+        parts = []
+        for d in names:
+            if s in table[d]:
+                parts += [cell(table[d][s]["macro_f1"]), f"{statistics.fmean(table[d][s]['seconds']):.1f}"]
+            else:
+                parts += ["–", "–"]
+        lines.append(f"| {s} | " + " | ".join(parts) + " |")
+    lines += ["", "Runs: " + ", ".join(f"{d}: {len(table[d][systems[0]]['split'])}" for d in names if systems[0]
+                                       in table[d])]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5, help="split seeds 0..N-1 (default 5)")
-    parser.add_argument("--only-seeds", metavar="K,K", help="run just these split seeds (e.g. one process each, "
-                        "with --json, then --merge)")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {', '.join(DATASETS)}")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    parser.add_argument("--folds", type=int, default=10, help="folds of mr/subj/cr; split seeds of amazon_yelp")
+    parser.add_argument("--only-splits", metavar="K,K", help="run only these folds/split seeds (0-based)")
+    parser.add_argument("--preset", default="default", help="our preset (default: default)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
+    parser.add_argument("--data-dir", default=str(SHARED), help="offline copy of the data (default ../shared/data)")
+    parser.add_argument("--name", default="ours", help="name of our row in the table (default: ours)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="print the table of several --json outputs")
-    parser.add_argument("--data-dir", help="offline copy of the data (default: ../shared/data if present)")
-    parser.add_argument("--presets", default="default,seed", help="comma-separated presets (default default,seed)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field of the presets (tuning)")
-    parser.add_argument("--no-bow", action="store_true", help="skip the bag-of-words baseline")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every run")
     args = parser.parse_args()
 
     if args.merge:
-        return print_merged(args.merge, args.json)
-    examples = load_sentences(args.data_dir)
-    overrides = parse_set(args.set)
-    rows: dict[str, list[float]] = {}
-    seconds: dict[str, float] = {}
-    seeds = [int(k) for k in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
-    for seed in seeds:
-        train_idx, test_idx = data.stratified_split(examples.labels, [0.8, 0.2], seed)
-        runs = [(f"{p} preset", run_preset, (p, overrides, examples, train_idx, test_idx, seed))
-                for p in args.presets.split(",") if p]
-        if not args.no_bow:
-            runs.append(("bag-of-words LR, top-400 words", run_bow, (examples, train_idx, test_idx)))
-        for name, run, run_args in runs:
-            start = time.perf_counter()
-            rows.setdefault(name, []).append(run(*run_args))
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-            print(f"seed {seed}: {name}: {rows[name][-1]:.4f}", file=sys.stderr)
-
-    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-                   "machine": platform.processor() or platform.machine(), "overrides": overrides,
-                   "n": len(examples), "seeds": list(seeds)}
-    print_results(rows, seconds, environment, args.json)
-
-
-def print_merged(paths: list[str], as_json: bool) -> None:
-    """Combine the --json outputs of runs over different split seeds (in the order given)."""
-    rows: dict[str, list[float]] = {}
-    seconds: dict[str, float] = {}
-    environment: dict = {}
-    for path in paths:
-        run = json.loads(Path(path).read_text())
-        for name, r in run["results"].items():
-            rows.setdefault(name, []).extend(r["per_seed"])
-            seconds[name] = seconds.get(name, 0.0) + r["seconds"]
-        seeds = environment.get("seeds", []) + run["environment"]["seeds"]
-        environment = {**run["environment"], "seeds": seeds}
-    print_results(rows, seconds, environment, as_json)
-
-
-def print_results(rows: dict[str, list[float]], seconds: dict[str, float], environment: dict, as_json: bool) -> None:
-    results = {
-        name: {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-               "per_seed": accs, "seconds": seconds[name]}
-        for name, accs in rows.items()
-    }
-    if as_json:
-        print(json.dumps({"results": results, "environment": environment}, indent=1))
+        rows = [r for path in args.merge for r in json.loads(Path(path).read_text())["runs"]]
+        print(markdown(rows))
         return
-    print("| model | test accuracy (mean ± std) | per seed | time (all seeds) |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        per_seed = " ".join(f"{a:.3f}" for a in r["per_seed"])
-        print(f"| {name} | {r['mean']:.3f} ± {r['std']:.3f} | {per_seed} | {r['seconds']:.0f} s |")
-    print(f"\n{environment['n']} sentences, split seeds {environment['seeds']}, torch {environment['torch']}, "
-          f"{environment['threads']} thread(s) per process"
-          + (f", overrides {environment['overrides']}" if environment["overrides"] else ""))
+    overrides = parse_set(args.set)
+    config = dataclasses.replace(PRESETS[args.preset], **overrides).validate()
+    only = None if args.only_splits is None else {int(k) for k in args.only_splits.split(",")}
+    systems = args.systems.split(",")
+    rows = []
+    for name in args.datasets.split(","):
+        for k, (train_part, test) in enumerate(splits(name, Path(args.data_dir), args.folds)):
+            if only is not None and k not in only:
+                continue
+            fit, val = validation_split(train_part)
+            for system in systems:
+                if system == "ours":
+                    result = run_ours(config, fit, val, test)
+                elif system == "tfidf":
+                    result = run_tfidf(fit, val, test)
+                else:
+                    result = run_fasttext(fit, val, test)
+                label = args.name if system == "ours" else system
+                rows.append({"dataset": name, "split": k, "system": label, **result})
+                print(f"{name} split {k} {label}: accuracy {result['accuracy']:.4f} macro-F1 "
+                      f"{result['macro_f1']:.4f} {result['seconds']:.1f} s {result['chosen']}", file=sys.stderr)
+    report = {"runs": rows, "preset": args.preset, "overrides": overrides, "config": dataclasses.asdict(config),
+              "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                          "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+              "command": " ".join(sys.argv)}
+    print(json.dumps(report, indent=1) if args.json else markdown(rows))
 
 
 if __name__ == "__main__":

@@ -280,6 +280,42 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- cv --------------------------------------------------------------------------------------------------
+def add_cv_parser(subparsers) -> None:
+    p = subparsers.add_parser("cv", help="stratified k-fold cross-validation of a training configuration",
+                              description="Stratified k-fold cross-validation (rnnmath.crossval): each fold is "
+                              "the test part once; 10%% of the other folds (stratified) is the validation part. "
+                              "Prints mean ± std of accuracy and macro-F1; writes every fold's model and "
+                              "--out/cv.json.")
+    p.add_argument("--data", required=True, metavar="FILE", help="labelled sentences")
+    p.add_argument("--folds", type=_number(int, 2, 1000), default=10, metavar="K", help="folds (default: 10)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for fold-*/ models and cv.json")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="starting configuration")
+    p.add_argument("--processes", type=_number(int, 1, 256), default=1, metavar="N",
+                   help="train N folds at a time, one process and one thread each (default: 1)")
+    p.add_argument("--json", action="store_true", help="print the result (every fold) as one JSON object")
+    add_config_flags(p)
+    add_data_flags(p)
+    p.set_defaults(func=cmd_cv)
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from .crossval import cross_validate
+
+    config, _ = config_from_args(args)
+    examples = read_data(args, args.data)
+    log = None if args.json else (lambda line: print(line, file=sys.stderr))
+    result = cross_validate(config, examples, args.out, folds=args.folds, workers=args.processes, log=log)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        acc, f1 = result["accuracy"], result["macro_f1"]
+        print(f"{args.folds}-fold cross-validation of {len(examples)} sentences: accuracy {acc['mean']:.4f} ± "
+              f"{acc['std']:.4f}, macro F1 {f1['mean']:.4f} ± {f1['std']:.4f} (mean ± std over folds); "
+              f"details in {Path(args.out) / 'cv.json'}")
+    return 0
+
+
 def _saved_config(out: Path) -> Config:
     from .model import CONFIG, config_from_dict, read_json
 
@@ -694,8 +730,8 @@ class _NoWorkers:
 
 
 # -- entry point -------------------------------------------------------------------------------------------
-SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_demo_parser, add_datasets_parser,
-               add_bench_parser, add_inspect_parser, add_flow_parser]
+SUBCOMMANDS = [add_train_parser, add_cv_parser, add_evaluate_parser, add_predict_parser, add_demo_parser,
+               add_datasets_parser, add_bench_parser, add_inspect_parser, add_flow_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,6 +58,19 @@ class Config:
                                                                   "Ghahramani 2016)", 0, 1))
     zoneout: float = field(default=0.0, metadata=_flag("keep each state unit's previous value with this "
                                                         "probability at each step (Krueger et al. 2017)", 0, 1))
+    embedding_dim: int = field(default=0, metadata=_flag("size E of the word embeddings the recurrent layer "
+                                                         "reads; 0 feeds it one-hot ids (W_ih is then the "
+                                                         "embedding)", 0, 65536))
+    embeddings: str = field(default="", metadata=_flag("word-vector text file (word2vec/GloVe/fastText, .gz too) "
+                                                       "to initialise the embeddings from; sets --embedding-dim "
+                                                       "to its size"))
+    freeze_embeddings: bool = field(default=False, metadata=_flag("keep the --embeddings vectors fixed in "
+                                                                  "training"))
+    ngram_dim: int = field(default=64, metadata=_flag("size of a bag of word uni- and bigram embeddings, averaged "
+                                                     "over the sentence and set beside the recurrent features "
+                                                     "(fastText, Joulin et al. 2017); 0 for none", 0, 65536))
+    ngram_buckets: int = field(default=100_000, metadata=_flag("hash buckets of the word bigrams of the n-gram "
+                                                               "bag", 1, 100_000_000))
     vocab_size: int = field(default=5000, metadata=_flag("the N most frequent training words kept (plus PAD "
                                                          "and UNK)", 1, 10_000_000))
     max_len: int = field(default=50, metadata=_flag("words kept per sentence; the rest are cut", 1, 100_000))
@@ -66,7 +79,7 @@ class Config:
     lr: float = field(default=0.003, metadata=_flag("Adam learning rate", 0, 10))
     weight_decay: float = field(default=0.0, metadata=_flag("Adam L2 weight decay", 0, 10))
     clip: float = field(default=1.0, metadata=_flag("clip the gradient norm to this", 0, 1e6))
-    patience: int = field(default=5, metadata=_flag("stop after this many epochs without a better "
+    patience: int = field(default=2, metadata=_flag("stop after this many epochs without a better "
                                                     "validation accuracy", 1, 100_000))
     seed: int = field(default=0, metadata=_flag("seed of the split, initialisation, dropout and data order",
                                                 0, 2**32 - 1))  # the seeds derived from it must fit 64 bits
@@ -101,6 +114,8 @@ class Config:
             raise UserError("--dropout and --word-dropout must be below 1")
         if self.recurrent_dropout >= 1 or self.zoneout >= 1:
             raise UserError("--recurrent-dropout and --zoneout must be below 1")
+        if self.freeze_embeddings and not self.embeddings:
+            raise UserError("--freeze-embeddings needs --embeddings FILE (there is nothing to keep fixed)")
         return self
 
 
@@ -111,5 +126,5 @@ PRESETS: dict[str, Config] = {
     # the seed: one-hot over 400 words (+ PAD, UNK), tanh RNN of state 3, tanh dense 4 and 6, softmax over 2
     "seed": Config(cell="rnn", hidden=3, layers=1, bidirectional=False, pooling="last", dense=(4, 6),
                    activation="tanh", dropout=0.0, vocab_size=400, max_len=30, epochs=60, lr=0.05,
-                   patience=15),
+                   patience=15, ngram_dim=0),
 }

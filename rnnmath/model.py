@@ -3,13 +3,18 @@
 Shape letters: B batch, T time, V vocabulary ids (words + PAD + UNK), H hidden, D directions, F features,
 C classes.
 
-The classifier has no embedding layer: the recurrent layer takes token ids, i.e. one-hot vectors over V,
-whose input projection W_ih x is a row lookup of W_ih (an embedding by another name)::
+With ``embedding_dim`` 0 the classifier has no embedding layer: the recurrent layer takes token ids, i.e.
+one-hot vectors over V, whose input projection W_ih x is a row lookup of W_ih (an embedding by another
+name); with ``embedding_dim`` E it reads rows of an embedding matrix (V, E), which ``--embeddings`` can
+initialise from pretrained vectors (rnnmath.embeddings)::
 
-    output, h_n = rnn(ids, lengths)          # (B, T, D·H); h_n: the state at each sentence's true last word
+    x_t = ids_t, or embedding[ids_t]         # (B, T) or (B, T, E)
+    output, h_n = rnn(x, lengths)            # (B, T, D·H); h_n: the state at each sentence's true last word
     last = h_n of the top layer, directions side by side                         # (B, D·H)
     pooled = max over t < length of output   # only with pooling "max" or "last+max"  (B, D·H)
     x = dropout([last | pooled])                                                 # (B, F)
+    x = [x | bag]     only with ngram_dim N: the mean of the sentence's word and hashed word-bigram
+                      embeddings, fastText's sentence vector (Joulin et al. 2017)  # (B, F + N)
     x = activation(W_k x + b_k) for each dense layer
     log p(class) = log_softmax(W_out x + b_out)                                  # (B, C)
 
@@ -63,13 +68,22 @@ class Classifier(nn.Module):
     def __init__(self, config: Config, vocab_size: int, num_classes: int) -> None:
         super().__init__()
         self.config = config
+        E = config.embedding_dim
+        self.embedding = nn.Embedding(vocab_size, E, padding_idx=0) if E else None  # (V, E)
+        if self.embedding is not None and config.freeze_embeddings:
+            self.embedding.weight.requires_grad_(False)
         self.rnn = Recurrent(
-            CELLS[config.cell], vocab_size, config.hidden, num_layers=config.layers, batch_first=True,
+            CELLS[config.cell], E or vocab_size, config.hidden, num_layers=config.layers, batch_first=True,
             dropout=config.dropout if config.layers > 1 else 0.0, bidirectional=config.bidirectional,
             recurrent_dropout=config.recurrent_dropout, zoneout=config.zoneout,
         )
         directions = 2 if config.bidirectional else 1
         width = directions * config.hidden * (2 if config.pooling == "last+max" else 1)  # F
+        self.ngrams = None
+        if config.ngram_dim:  # rows: the V words, then the bigram buckets
+            self.ngrams = nn.Embedding(vocab_size + config.ngram_buckets, config.ngram_dim)
+            nn.init.uniform_(self.ngrams.weight, -1 / config.ngram_dim, 1 / config.ngram_dim)  # as fastText
+            width += config.ngram_dim
         self.dense = nn.ModuleList()
         for size in config.dense:
             self.dense.append(nn.Linear(width, size))
@@ -78,21 +92,57 @@ class Classifier(nn.Module):
 
     def features(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """Sentence features (B, F) from ids (B, T) and true lengths (B,); padding is never read."""
-        output, h_n = self.rnn(ids, lengths=lengths)  # (B, T, D·H), (L·D, B, H)
+        x = ids  # (B, T) ids, or (B, T, V) one-hot rows (inspect's attributions differentiate with respect to them)
+        if self.embedding is not None:
+            x = self.embedding(ids) if not ids.is_floating_point() else ids @ self.embedding.weight  # (B, T, E)
+        output, h_n = self.rnn(x, lengths=lengths)  # (B, T, D·H), (L·D, B, H)
         if isinstance(h_n, tuple):  # several state fields (LSTM: h, c): the first is h
             h_n = h_n[0]
         D = 2 if self.config.bidirectional else 1
         last = h_n[-D:].transpose(0, 1).reshape(ids.shape[0], -1)  # (B, D·H): top layer, at the true last word
         if self.config.pooling == "last":
-            return last
-        T = output.shape[1]
-        padding = torch.arange(T, device=ids.device).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T)
-        pooled = output.masked_fill(padding.unsqueeze(2), -math.inf).amax(dim=1)  # (B, D·H)
-        pooled = pooled.masked_fill((lengths == 0).unsqueeze(1), 0.0)  # a sentence without words
-        return pooled if self.config.pooling == "max" else torch.cat([last, pooled], dim=1)
+            features = last
+        else:
+            T = output.shape[1]
+            padding = torch.arange(T, device=ids.device).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T)
+            pooled = output.masked_fill(padding.unsqueeze(2), -math.inf).amax(dim=1)  # (B, D·H)
+            pooled = pooled.masked_fill((lengths == 0).unsqueeze(1), 0.0)  # a sentence without words
+            features = pooled if self.config.pooling == "max" else torch.cat([last, pooled], dim=1)
+        return features
+
+    def ngram_bag(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        """Mean embedding (B, N) of a sentence's words and of its hashed word bigrams, as fastText's
+        supervised model reads a sentence (Joulin et al. 2017, "Bag of Tricks for Efficient Text
+        Classification"). Bigram (a, b) of word ids goes to row V + (a·1000003 + b) mod buckets; an empty
+        sentence gives zeros.
+
+        ``ids`` may also be one-hot rows x (B, T, V) (scaled ones too, as on integrated gradients' path): a
+        word then contributes x_t W_words, and a bigram its row times x_t[a]·x_t+1[b], the product of its
+        words' entries; the two readings agree on one-hot rows."""
+        W = self.ngrams.weight  # (V + buckets, N)
+        V = W.shape[0] - self.config.ngram_buckets
+        T = ids.shape[1]
+        t = torch.arange(T, device=ids.device).unsqueeze(0)  # (1, T)
+        words_valid = (t < lengths.unsqueeze(1)).to(W.dtype)  # (B, T)
+        pairs_valid = words_valid[:, 1:]  # (B, T-1): bigram (t-1, t) exists iff word t does
+        if ids.is_floating_point():
+            x, ids = ids, ids.argmax(dim=2)  # (B, T, V), (B, T)
+            entry = x.gather(2, ids.unsqueeze(2)).squeeze(2)  # (B, T)
+            words = x @ W[:V]  # (B, T, N)
+            pair_weight = entry[:, :-1] * entry[:, 1:]  # (B, T-1)
+        else:
+            words = F.embedding(ids, W)  # (B, T, N)
+            pair_weight = torch.ones_like(pairs_valid)
+        bigrams = V + (ids[:, :-1] * 1_000_003 + ids[:, 1:]) % self.config.ngram_buckets  # (B, T-1)
+        total = (words * words_valid.unsqueeze(2)).sum(1) \
+            + (F.embedding(bigrams, W) * (pairs_valid * pair_weight).unsqueeze(2)).sum(1)  # (B, N)
+        count = words_valid.sum(1) + pairs_valid.sum(1)  # (B,)
+        return total / count.clamp(min=1).unsqueeze(1)
 
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
         x = F.dropout(self.features(ids, lengths), self.config.dropout, self.training)  # (B, F)
+        if self.ngrams is not None:  # beside the dropped-out recurrent features, as fastText reads it: no dropout
+            x = torch.cat([x, self.ngram_bag(ids, lengths)], dim=1)  # (B, F + N)
         for layer in self.dense:
             x = ACTIVATIONS[self.config.activation](layer(x))
         return F.log_softmax(self.out(x), dim=1)  # (B, C)
@@ -159,9 +209,14 @@ def read_json(path: Path, kind: str) -> dict:
     return document
 
 
+# the value a field had before it existed: a model saved then lacks the field and is rebuilt as it was trained
+LEGACY = {"embedding_dim": 0, "ngram_dim": 0, "embeddings": "", "freeze_embeddings": False}
+
+
 def config_from_dict(values: Any, source: str) -> Config:
     if not isinstance(values, dict):
         raise UserError(f"{source}: \"config\" must be a JSON object")
+    values = {**{k: v for k, v in LEGACY.items() if k not in values}, **values}
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - names)
     if unknown:

@@ -13,6 +13,7 @@ machine and thread count; other CPUs or thread counts may round differently).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -159,6 +160,7 @@ def train(
         progress, log = False, None
     if len(val_set) == 0:
         raise UserError("the validation set is empty; give more data or a --val file")
+    pretrained = coverage = None  # --embeddings: rows (V, E) read from the file, and their coverage
     if resume and (out / CHECKPOINT).exists():
         config, vocab, labels = load_description(out)
     else:
@@ -172,6 +174,17 @@ def train(
             raise UserError(f"{train_set.source}: the training data has a single class {labels[0]!r}; "
                             "expected at least two labels")
         vocab = Vocabulary.build(train_set.texts, config.vocab_size)
+        if config.embeddings:  # read (and check) before anything is written; the embedding takes their size
+            from .embeddings import coverage_line, initialise_embeddings, vector_size
+
+            size = vector_size(config.embeddings)
+            pretrained = torch.full((len(vocab), size), math.nan)  # (V, E): NaN rows are not in the file
+            coverage = initialise_embeddings(pretrained, vocab, train_set.texts, config.embeddings)
+            if size != config.embedding_dim and log:
+                log(f"--embeddings {config.embeddings}: {size}-dimensional vectors, so --embedding-dim {size}")
+            if log:
+                log(coverage_line(config.embeddings, coverage))
+            config = dataclasses.replace(config, embedding_dim=size)
         check_size(config, len(vocab), len(labels))
         distributed.barrier()  # every process has checked --out before rank 0 writes to it
         if distributed.is_main():
@@ -196,9 +209,16 @@ def train(
 
     torch.manual_seed(config.seed)
     model = Classifier(config, len(vocab), len(labels))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if pretrained is not None:
+        with torch.no_grad():
+            found = ~pretrained[:, 0].isnan()
+            model.embedding.weight[found] = pretrained[found]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                 weight_decay=config.weight_decay)
     state = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "best_accuracy": -1.0, "best_epoch": 0,
              "bad_epochs": 0, "history": [], "done": False, "data": data_id}
+    if coverage is not None:
+        state["embeddings"] = coverage
     if resume and (out / CHECKPOINT).exists():
         state = load_checkpoint(out, model, optimizer)
         if state["data"] != data_id:
@@ -293,8 +313,11 @@ def _kept(out: Path) -> str:
 
 
 def _history(state: dict) -> dict:
-    return {"epochs": state["history"], "best_epoch": state["best_epoch"],
-            "best_val_accuracy": state["best_accuracy"], "done": state["done"]}
+    history = {"epochs": state["history"], "best_epoch": state["best_epoch"],
+               "best_val_accuracy": state["best_accuracy"], "done": state["done"]}
+    if "embeddings" in state:  # coverage of the --embeddings file
+        history["embeddings"] = state["embeddings"]
+    return history
 
 
 def _finish(state: dict, log) -> dict:

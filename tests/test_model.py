@@ -110,7 +110,9 @@ def files(directory: Path) -> dict[str, bytes]:
 
 def test_training_learns_saves_and_loads(tmp_path):
     train_set, val_set = task(240)
-    config = dataclasses.replace(TINY, hidden=16, epochs=6, patience=6, lr=0.02)
+    # without the n-gram bag: on this task word order alone decides, and at lr 0.02 the bag memorises the
+    # training sentences first (validation 0.67 after 6 epochs with it, 0.82 without)
+    config = dataclasses.replace(TINY, hidden=16, epochs=6, patience=6, lr=0.02, ngram_dim=0)
     history = train(config, train_set, val_set, tmp_path / "m")
     assert len(history["epochs"]) == 6 and history["best_val_accuracy"] > 0.7
     assert sorted(files(tmp_path / "m")) == ["checkpoint.safetensors", "config.json", "history.json",
