@@ -215,13 +215,14 @@ class Cell(nn.Module):
         else:
             n = len(self.State._fields)
             # torch.nn's exception types: a one-field cell reads hx.dim() (AttributeError for a tuple or list);
-            # lstm_cell takes a tuple of two tensors (TypeError for a tensor, RuntimeError for another count)
-            if n == 1 and not isinstance(hx, Tensor):
+            # lstm_cell takes a tuple of two tensors (TypeError for a tensor, RuntimeError for another count).
+            # The cell's own State (HiddenState(h), as step returns it) is accepted: rnnmath's extension
+            if n == 1 and not isinstance(hx, (Tensor, self.State)):
                 raise AttributeError(f"{name}: hx must be a tensor (B, {self.hidden_size}) or "
                                      f"({self.hidden_size},), got a {type(hx).__name__}")
             if n > 1 and isinstance(hx, Tensor):
                 raise TypeError(f"{name}: hx must be a tuple of {n} tensors {self.State._fields}, got a Tensor")
-            fields = (hx,) if n == 1 else tuple(hx)
+            fields = tuple(hx) if isinstance(hx, self.State) or n > 1 else (hx,)
             if len(fields) != n or not all(isinstance(f, Tensor) for f in fields):
                 raise RuntimeError(f"{name}: hx must hold {n} tensors {self.State._fields} "
                                    f"({name} expects {n} hidden states), got {len(fields)} object(s)")

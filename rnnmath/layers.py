@@ -407,8 +407,9 @@ class Recurrent(nn.Module):
         if hx is None:
             zero = cell.initial_state(batch_size, like)
             return [zero] * n
-        if len(cell.State._fields) == 1 and not isinstance(hx, Tensor):
+        if len(cell.State._fields) == 1 and not isinstance(hx, (Tensor, cell.State)):
             # torch.nn.RNN/GRU read hx.dim(): AttributeError for a tuple or list, which is what they raise
+            # (the cell's own State, a NamedTuple, is accepted: rnnmath's extension)
             raise AttributeError(f"{name}: hx must be a tensor (num_layers * num_directions, batch, "
                                  f"{cell.state_sizes()[0]}), got a {type(hx).__name__}")
         fields = (hx,) if isinstance(hx, Tensor) else tuple(hx)

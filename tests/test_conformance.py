@@ -953,3 +953,13 @@ def test_finding12_not_torch_nn_subclasses_as_documented():
     assert isinstance(rnnmath.LSTM(3, 4), torch.nn.Module)
     assert not isinstance(rnnmath.LSTM(3, 4), torch.nn.RNNBase)
     assert not isinstance(rnnmath.GRUCell(3, 4), torch.nn.RNNCellBase)
+
+
+def test_the_cells_own_state_tuple_is_accepted_as_hx_an_extension():
+    """A plain tuple or list raises as in torch.nn, but the State a step returns (HiddenState(h)) goes back in."""
+    cell, x = rnnmath.GRUCell(3, 4), torch.randn(5, 3)
+    h = cell(x)
+    torch.testing.assert_close(cell(x, rnnmath.cells.HiddenState(h)), cell(x, h))
+    layer = rnnmath.GRU(3, 4)
+    h0 = torch.randn(1, 5, 4)
+    torch.testing.assert_close(layer(x[None], rnnmath.cells.HiddenState(h0))[0], layer(x[None], h0)[0])
