@@ -241,11 +241,12 @@ class Recurrent(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, input, hx=None, lengths: Tensor | None = None):
-        if torch.jit.is_tracing() and not _is_exporting():
+        if torch.jit.is_tracing():  # torch.jit.trace, and torch.onnx.export(dynamo=False), which traces
+            tracer = "torch.onnx.export(dynamo=False)" if _is_exporting() else "torch.jit.trace"
             raise RuntimeError(
-                f"torch.jit.trace cannot record rnnmath.{type(self).__name__}: the loop over time would be unrolled "
+                f"{tracer} cannot record rnnmath.{type(self).__name__}: the loop over time would be unrolled "
                 "to the traced length and give silently wrong shapes at any other length; run the module "
-                "eagerly, or use torch.compile / torch.export"
+                "eagerly, or use torch.compile / torch.export / torch.onnx.export(dynamo=True)"
             )
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
@@ -350,6 +351,10 @@ class Recurrent(nn.Module):
             regularise.update(h_mask=h_mask)
         if self.zoneout:
             regularise.update(zoneout=self.zoneout, training=self.training)
+        if torch.compiler.is_exporting():  # torch.export / ONNX: one scan operator, time axis kept symbolic
+            from . import scan_op
+
+            return scan_op.scan(cell, p, xw, state, mask, **regularise)
         if self._trace is not None:
             cell._recorder = self._trace.recorder(k, d)
             try:
@@ -537,7 +542,7 @@ def trace(layer: Recurrent, keep_graph: bool = False) -> Iterator[Trace]:
 
 
 def _is_exporting() -> bool:
-    """True inside torch.onnx.export (whose path through the layers is rnnmath's export code's business)."""
+    """True inside torch.onnx.export; with dynamo=False it traces, and the layer refuses (see forward)."""
     return torch.onnx.is_in_onnx_export()
 
 

@@ -43,6 +43,7 @@ from .model import (
     load_description,
     load_weights,
     read_safetensors,
+    resolve_device,
     save_description,
     save_weights,
     trim,
@@ -141,6 +142,7 @@ def train(
     log: Callable[[str], None] | None = None,
     on_start: Callable[[Path], None] | None = None,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
     directory ``out`` (see rnnmath.model) and return its history.
@@ -154,8 +156,16 @@ def train(
 
     Run by several processes (torchrun, see rnnmath.distributed), each reads its share of every batch,
     DDP averages the gradients, and only rank 0 reports progress and writes ``out``.
+
+    ``device``: where the model trains (``"cpu"``, ``"cuda"``, ``"auto"``; see ``rnnmath.model.resolve_device``).
+    Batches are drawn, and word dropout applied, on the CPU and then moved there, so the data order is the
+    same on every device; dropout's random draws come from that device's generator.
     """
     out = Path(out)
+    device = resolve_device(device)
+    if device.type != "cpu" and distributed.world_size() > 1:
+        raise UserError(f"--device {device}: training on a GPU with several processes is not supported yet; "
+                        "use one process, or --device cpu")
     if not distributed.is_main():
         progress, log = False, None
     if len(val_set) == 0:
@@ -213,6 +223,7 @@ def train(
         with torch.no_grad():
             found = ~pretrained[:, 0].isnan()
             model.embedding.weight[found] = pretrained[found]
+    model.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                  weight_decay=config.weight_decay)
     state = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "best_accuracy": -1.0, "best_epoch": 0,
@@ -244,8 +255,8 @@ def train(
                 if config.word_dropout:
                     unknown = torch.rand(batch_ids.shape) < config.word_dropout
                     batch_ids = batch_ids.masked_fill(unknown & (batch_ids > 0), 1)  # UNK, never on PAD
-                log_p = net(batch_ids, batch_lengths)  # (B, C)
-                loss = F.nll_loss(log_p, y[rows])
+                log_p = net(batch_ids.to(device), batch_lengths.to(device))  # (B, C)
+                loss = F.nll_loss(log_p, y[rows].to(device))
                 if not torch.isfinite(loss):
                     raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the loss became "
                                     f"{loss.item()}; {_kept(out)} (try a lower --lr)")
@@ -268,7 +279,7 @@ def train(
 
             check_finite(model, f"the end of epoch {epoch + 1}", out)  # never checkpoint a broken model
             val_rows = distributed.rows(len(val_y))  # this process's share of the validation set (all alone)
-            val_pred = model.log_probs(val_ids[val_rows], val_lengths[val_rows]).argmax(1)
+            val_pred = model.log_probs(val_ids[val_rows].to(device), val_lengths[val_rows].to(device)).argmax(1).cpu()
             accuracy = distributed.mean((val_pred == val_y[val_rows]).double())
             (loss_sum,) = distributed.total(state["loss_sum"])
             state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / len(y),
