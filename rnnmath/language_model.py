@@ -326,8 +326,10 @@ def save_description(directory: Path, config: LMConfig, vocab: TokenVocabulary) 
 
 
 def load_description(directory: Path) -> tuple[LMConfig, TokenVocabulary]:
-    if not directory.is_dir():
+    if not directory.exists():
         raise UserError(f"{directory}: no such model directory")
+    if not directory.is_dir():
+        raise UserError(f"{directory}: is not a directory; expected a model directory")
     document = read_json(directory / CONFIG, "config")
     if document.get("task") != TASK:
         raise UserError(f"{directory} holds a {document.get('task', 'classifier')} model, not a language model")
@@ -421,10 +423,16 @@ def load_checkpoint(directory: Path, model: LanguageModel, optimizer: torch.opti
 
 
 # -- training ----------------------------------------------------------------------------------------------
-def read_corpus(text: str, source: str) -> str:
-    """Check that a text can be read as a corpus; a UserError naming ``source`` if it is empty."""
-    if not text.strip():
-        raise UserError(f"{source}: the file is empty (or only white space); expected text to model")
+def read_corpus(text: str, source: str, level: str = "char") -> str:
+    """Check that a text can be read as a corpus at ``level``; a UserError naming ``source`` if it is empty or
+    has fewer than 2 tokens (nothing to predict). At character level spaces and newlines are tokens like any
+    other, so a text of only white space is a text; at word level white space separates the words and only
+    newlines (<eos>) are tokens."""
+    if not text:
+        raise UserError(f"{source}: the file is empty; expected text to model")
+    count = len(tokenize(text, level))
+    if count < 2:
+        raise UserError(f"{source}: holds {count} {level} token(s); a language model needs at least 2 to predict one")
     return text
 
 
@@ -471,9 +479,9 @@ def train_lm(
     started = time.perf_counter()
     out = Path(out)
     train_name, val_name = sources
-    read_corpus(train_text, train_name)
+    read_corpus(train_text, train_name, config.level)
     if val_text is not None:
-        read_corpus(val_text, val_name)
+        read_corpus(val_text, val_name, config.level)
     if resume and (out / CHECKPOINT).exists():
         config, vocab = load_description(out)
     else:
@@ -627,14 +635,15 @@ def _read_timing(out: Path) -> list[dict]:
 
 
 # -- the command line: `rnnmath train --task lm`, `evaluate`, `generate` on a language model (rnnmath.cli) ----
-def read_text(path: str) -> str:
-    """A UTF-8 text file (rnnmath.data.read_text: a UserError naming the file if it is missing, binary or not
-    UTF-8); notes the reader has for the user go to standard error."""
+def read_text(path: str, encoding: str = "utf-8") -> str:
+    """A text file in ``encoding`` (a Python codec name, or "auto": UTF-8, else Windows-1252, said on standard
+    error), read by rnnmath.data.read_text: a UserError naming the file if it is missing, binary or not in that
+    encoding; notes the reader has for the user go to standard error."""
     import sys
 
     from . import data
 
-    result = data.read_text(path)
+    result = data.read_text(path, encoding)
     text, notes = result if isinstance(result, tuple) else (result, [])  # newer readers also return notes
     for note in notes:
         print(f"rnnmath: {note}", file=sys.stderr)
@@ -655,11 +664,12 @@ def run_train(args, given: dict) -> int:
                 raise UserError(f"--{name.replace('_', '-')} {value} differs from the run being resumed in {out} "
                                 f"({getattr(saved, name)}); leave it out with --resume")
         config = saved
-    train_text = read_text(args.data)
-    val_text = read_text(args.val) if args.val else None
-    test_text = read_text(args.test) if args.test else None
-    if test_text is not None:
-        read_corpus(test_text, args.test)
+    encoding = getattr(args, "encoding", None) or "utf-8"
+    train_text = read_text(args.data, encoding)
+    val_text = read_text(args.val, encoding) if args.val else None
+    test_text = read_text(args.test, encoding) if args.test else None
+    if test_text is not None:  # checked now: a test file found wanting after training would waste the run
+        read_corpus(test_text, args.test, config.level)
     log = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr))
     progress = not (args.quiet or args.json) and sys.stderr.isatty()
     history = train_lm(config, train_text, val_text, out, resume=args.resume, progress=progress, log=log,
@@ -698,7 +708,8 @@ def format_metrics(metrics: dict, source: str) -> str:
 def run_evaluate(args) -> int:
     """``rnnmath evaluate DIR --data FILE`` on a language model."""
     trained = load_lm(args.model)
-    text = read_corpus(read_text(args.data), args.data)
+    text = read_corpus(read_text(args.data, getattr(args, "encoding", None) or "utf-8"), args.data,
+                       trained.vocab.level)
     metrics = trained.evaluate_text(text, args.data)
     print(json.dumps(metrics, sort_keys=True) if args.json else format_metrics(metrics, args.data))
     return 0
@@ -893,7 +904,8 @@ def write_passage_report(reading: PassageReading, out_dir: str | Path, max_steps
 
 def run_inspect(args) -> int:
     """``rnnmath inspect DIR TEXT --out OUT`` on a language model (TEXT may be @FILE: the passage from a file)."""
-    text = read_text(args.text[1:]) if args.text.startswith("@") else args.text
+    encoding = getattr(args, "encoding", None) or "utf-8"
+    text = read_text(args.text[1:], encoding) if args.text.startswith("@") else args.text
     reading = read_passage(load_lm(args.model), text)
     path = write_passage_report(reading, args.out)
     print(json.dumps({**reading.to_json(), "report": str(path)}, ensure_ascii=False) if args.json else path)

@@ -393,3 +393,65 @@ def test_an_existing_run_is_kept_unless_overwrite_and_split_is_refused(trained, 
     assert "evaluations" in json.loads((out / "timing.json").read_text())
     code, _, err = run(capsys, "evaluate", str(trained), "--split", "test")
     assert code == 2 and "evaluated on --data FILE" in err
+
+
+def test_encoding_applies_to_train_evaluate_and_inspect_of_a_language_model(files, tmp_path, capsys):
+    latin = TEXT.replace("cat", "café")  # é is one byte in Windows-1252, not valid UTF-8
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_bytes(latin.encode("cp1252"))
+    val.write_bytes("the café sat.\n".encode("cp1252"))
+    out = tmp_path / "m"
+    argv = ["train", "--task", "lm", "--data", str(train), "--out", str(out), "--quiet", *TINY_FLAGS, "--epochs", "1"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "UTF-8" in err and str(train) in err, err
+    assert run(capsys, *argv, "--encoding", "cp1252")[0] == 0
+    assert "é" in json.loads((out / "vocab.json").read_text())["tokens"]
+    code, text, err = run(capsys, "evaluate", str(out), "--data", str(val), "--encoding", "auto", "--json")
+    assert code == 0 and json.loads(text)["unknown"] == 0 and "read it as Windows-1252" in err
+    code, _, err = run(capsys, "evaluate", str(out), "--data", str(val))
+    assert code == 2 and str(val) in err
+    code, text, _ = run(capsys, "inspect", str(out), f"@{val}", "--out", str(tmp_path / "r"), "--encoding", "cp1252",
+                        "--json")
+    assert code == 0 and "é" in "".join(json.loads(text)["tokens"])
+    code, _, err = run(capsys, "inspect", str(out), "the cat", "--out", str(tmp_path / "r"), "--encoding", "cp1252")
+    assert code == 2 and "@FILE" in err
+
+
+@pytest.mark.parametrize("command", [["generate"], ["evaluate", "--data", "x.txt"], ["predict", "hello"],
+                                     ["inspect", "hello", "--out", "o"]])
+def test_every_command_on_a_missing_or_broken_model_dir_says_what_is_wrong(command, tmp_path, capsys):
+    verb, *rest = command
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{")
+    for directory, message in (("missing", "no such model directory"), ("empty", "config.json is missing"),
+                               ("a_file", "is not a directory"), ("bad", "not valid JSON")):
+        code, _, err = run(capsys, verb, str(tmp_path / directory), *rest)
+        assert code == 2 and message in err and "not a language model" not in err, (directory, err)
+
+
+def test_evaluate_of_a_language_model_needs_data_and_names_split_only_when_given(trained, capsys):
+    code, _, err = run(capsys, "evaluate", str(trained))
+    assert code == 2 and "--data FILE" in err and "--split" not in err
+    code, _, err = run(capsys, "evaluate", str(trained), "--split", "test")
+    assert code == 2 and "--split applies to a classifier" in err
+
+
+def test_white_space_is_text_at_char_level_and_only_an_empty_or_one_token_text_is_refused(trained, tmp_path,
+                                                                                           capsys):
+    cases = {"spaces": (" \n  \n", 0, 4), "empty": ("", 2, "the file is empty"),
+             "one char": ("a", 2, "holds 1 char token(s)")}
+    for name, (content, expected, detail) in cases.items():
+        path = tmp_path / f"{name}.txt"
+        path.write_text(content)
+        code, text, err = run(capsys, "evaluate", str(trained), "--data", str(path), "--json")
+        assert code == expected, (name, err)
+        if expected == 0:
+            metrics = json.loads(text)
+            assert metrics["tokens"] == detail and math.isfinite(metrics["loss"])
+        else:
+            assert detail in err, (name, err)
+    assert lm.read_corpus(" \n" * 100, "t", "char")
+    with pytest.raises(lm.UserError, match="holds 0 word token"):
+        lm.read_corpus("   \t  ", "t", "word")
