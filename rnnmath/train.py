@@ -13,6 +13,7 @@ machine and thread count; other CPUs or thread counts may round differently).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,7 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed
-from .common import classification_metrics, format_duration  # noqa: F401  (classification_metrics re-exported)
+from .common import classification_metrics, format_duration, readable  # noqa: F401  (classification_metrics re-exported)
 from .data import Examples, Vocabulary, encode, tokenize
 from .errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
 from .model import (
@@ -142,6 +143,7 @@ def train(
     log: Callable[[str], None] | None = None,
     on_start: Callable[[Path], None] | None = None,
     overwrite: bool = False,
+    on_ready: Callable[[], None] | None = None,
     device: str | torch.device = "cpu",
 ) -> dict:
     """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
@@ -149,7 +151,9 @@ def train(
 
     ``on_start(out)`` is called once a fresh run has written its description, to add files of the caller's
     (the CLI writes split.json there). With ``overwrite`` a run already in ``out`` is replaced: its files
-    (``model.RUN_FILES``, nothing else) are removed once the new run has passed its checks.
+    (``model.RUN_FILES``, nothing else) are removed once the new run has passed its checks. ``on_ready()`` is
+    called once every check has passed, just before the first batch (the CLI says there what it chose, so
+    that an error found first is said alone).
 
     With ``resume`` the run continues from ``out``'s checkpoint: config, vocabulary and labels come from
     ``out``, and the data must be the same as before.
@@ -198,16 +202,25 @@ def train(
         check_size(config, len(vocab), len(labels))
         distributed.barrier()  # every process has checked --out before rank 0 writes to it
         if distributed.is_main():
+            created = not out.exists()
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
+                raise UserError(f"--out {readable(out)}: cannot be written ({e.strerror})") from None
             if overwrite:  # only now: a mistake caught above leaves the old run whole
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
-            save_description(out, config, vocab, labels)
-            if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
-                on_start(out)
+            try:
+                save_description(out, config, vocab, labels)
+                if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
+                    on_start(out)
+            except BaseException:  # no half-written run: a directory with config.json but no split record
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
+                if created:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()
+                raise
     if distributed.is_main():  # the temporary files of a run killed while writing (see atomic_write)
         for litter in [*out.glob(".*.json.*.tmp"), *out.glob(".*.safetensors.*.tmp")]:
             litter.unlink(missing_ok=True)
@@ -235,7 +248,12 @@ def train(
         if state["data"] != data_id:
             raise UserError(f"--resume: the training/validation data differ from those of the run in {out}")
         if state["done"]:
+            if log:
+                log(f"the run in {readable(out)} had already finished ({len(state['history'])} epochs); --resume "
+                    "has nothing to do (a finished run cannot be extended)")
             return _finish(state, log)
+    if on_ready is not None and distributed.is_main():
+        on_ready()
     net = distributed.wrap(model)  # DDP over several processes; the model itself when alone
     batches_per_epoch = math.ceil(len(y) / (config.batch_size * distributed.world_size()))
     bar = tqdm(total=config.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
