@@ -441,9 +441,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if task_of(args.model) == "lm":
         from . import language_model
 
-        if args.data is None or args.split is not None:
-            raise UserError("a language model is evaluated on --data FILE (the --split of a classifier's run does "
-                            "not apply)")
+        if args.split is not None:
+            raise UserError("--split applies to a classifier's run; a language model is evaluated on --data FILE")
+        if args.data is None:
+            raise UserError("a language model is evaluated on --data FILE; give the text to score")
         set_threads(args)
         return language_model.run_evaluate(args)
     from .common import classification_metrics
@@ -612,6 +613,9 @@ def add_generate_parser(subparsers) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if task_of(args.model) != "lm":
+        from . import language_model
+
+        language_model.load_description(Path(args.model))  # says what is wrong: no directory, no config, ...
         raise UserError(f"{args.model}: not a language model (its config.json lacks \"task\": \"lm\"); "
                         "train one with 'rnnmath train --task lm'")
     from . import language_model
@@ -781,6 +785,9 @@ def add_inspect_parser(subparsers) -> None:
     p.add_argument("text", help="the sentence to read (a language model: the passage, or @FILE to read it from FILE)")
     p.add_argument("--out", required=True, metavar="OUTDIR", help="directory for report.html and the PNGs")
     p.add_argument("--json", action="store_true", help="also print the numbers as one JSON object")
+    p.add_argument("--encoding", default=None,
+                   help="a language model's @FILE: its text encoding, any Python codec name; auto: UTF-8, else "
+                        "Windows-1252, said on standard error (default: utf-8)")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -789,11 +796,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from . import language_model
 
         args.text = text_argument(args.text, "TEXT")
+        if args.encoding is not None and not args.text.startswith("@"):
+            raise UserError("--encoding applies to a passage read from @FILE; TEXT is given on the command line")
         return language_model.run_inspect(args)
     from . import flow, plots
     from .model import HISTORY, load_model
 
     text = text_argument(args.text, "TEXT")
+    if args.encoding is not None:
+        raise UserError("--encoding applies to a language model's passage read from @FILE; a classifier reads TEXT "
+                        "as given")
     trained = load_model(args.model)
     reading = flow.read_sentence(trained, text)
     history = Path(args.model) / HISTORY

@@ -37,6 +37,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,23 @@ def detach(state):
     return state.detach() if isinstance(state, Tensor) else tuple(s.detach() for s in state)
 
 
+@contextmanager
+def path_by_shape():
+    """Within it, the layers choose their loop (rnnmath.compiled's generic path or another) by the shapes alone,
+    not by how often this process has called them: ``rnnmath.compiled.min_calls`` is 1, so a shape compiles on
+    its first call instead of its third. Otherwise a run resumed in a new process would read its first windows
+    on another path than the uninterrupted run did, and its weights would differ in the last bits (different,
+    equally exact roundings), so --resume could not give the same files."""
+    from . import compiled
+
+    saved = compiled.min_calls
+    compiled.min_calls = 1
+    try:
+        yield
+    finally:
+        compiled.min_calls = saved
+
+
 # -- batches -----------------------------------------------------------------------------------------------
 def tbptt_batches(ids: Tensor, batch_size: int, bptt: int) -> Iterator[tuple[Tensor, Tensor]]:
     """The windows of truncated BPTT over one text.
@@ -229,10 +247,11 @@ def evaluate(model: nn.Module, ids: Tensor, window: int = 256) -> dict:
     stream = ids.view(-1, 1)  # (N, 1)
     stream = stream.to(next(model.parameters()).device)  # the model's device (ids may come from the CPU)
     state, total = None, 0.0
-    for i in range(0, stream.shape[0] - 1, window):
-        y = stream[i + 1 : i + 1 + window]  # (T, 1)
-        logits, state = model(stream[i : i + y.shape[0]], state)  # (T, 1, V)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+    with path_by_shape():  # the same loss for the same model, however often the process has run it
+        for i in range(0, stream.shape[0] - 1, window):
+            y = stream[i + 1 : i + 1 + window]  # (T, 1)
+            logits, state = model(stream[i : i + y.shape[0]], state)  # (T, 1, V)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
     model.train(was_training)
     n = stream.shape[0] - 1
     loss = total / n
@@ -314,8 +333,10 @@ def save_description(directory: Path, config: LMConfig, vocab: TokenVocabulary) 
 
 
 def load_description(directory: Path) -> tuple[LMConfig, TokenVocabulary]:
-    if not directory.is_dir():
+    if not directory.exists():
         raise UserError(f"{directory}: no such model directory")
+    if not directory.is_dir():
+        raise UserError(f"{directory}: is not a directory; expected a model directory")
     document = read_json(directory / CONFIG, "config")
     if document.get("task") != TASK:
         raise UserError(f"{directory} holds a {document.get('task', 'classifier')} model, not a language model")
@@ -418,10 +439,16 @@ def load_checkpoint(directory: Path, model: LanguageModel, optimizer: torch.opti
 
 
 # -- training ----------------------------------------------------------------------------------------------
-def read_corpus(text: str, source: str) -> str:
-    """Check that a text can be read as a corpus; a UserError naming ``source`` if it is empty."""
-    if not text.strip():
-        raise UserError(f"{source}: the file is empty (or only white space); expected text to model")
+def read_corpus(text: str, source: str, level: str = "char") -> str:
+    """Check that a text can be read as a corpus at ``level``; a UserError naming ``source`` if it is empty or
+    has fewer than 2 tokens (nothing to predict). At character level spaces and newlines are tokens like any
+    other, so a text of only white space is a text; at word level white space separates the words and only
+    newlines (<eos>) are tokens."""
+    if not text:
+        raise UserError(f"{source}: the file is empty; expected text to model")
+    count = len(tokenize(text, level))
+    if count < 2:
+        raise UserError(f"{source}: holds {count} {level} token(s); a language model needs at least 2 to predict one")
     return text
 
 
@@ -475,9 +502,9 @@ def train_lm(
     device = resolve_device(device)
     out = Path(out)
     train_name, val_name = sources
-    read_corpus(train_text, train_name)
+    read_corpus(train_text, train_name, config.level)
     if val_text is not None:
-        read_corpus(val_text, val_name)
+        read_corpus(val_text, val_name, config.level)
     if resume and (out / CHECKPOINT).exists():
         config, vocab = load_description(out)
     else:
@@ -555,7 +582,7 @@ def train_lm(
             log(f"epoch {epoch}, window {window}/{W}: training loss {train_loss:.4f}{val} nats/token "
                 f"({seconds:.0f} s)")
 
-    with _StopOnCtrlC() as ctrl_c, bar:
+    with _StopOnCtrlC() as ctrl_c, bar, path_by_shape():
         while state["epoch"] < config.epochs and not state["done"]:
             epoch = state["epoch"] + 1
             for group in optimizer.param_groups:
@@ -633,14 +660,15 @@ def _read_timing(out: Path) -> list[dict]:
 
 
 # -- the command line: `rnnmath train --task lm`, `evaluate`, `generate` on a language model (rnnmath.cli) ----
-def read_text(path: str) -> str:
-    """A UTF-8 text file (rnnmath.data.read_text: a UserError naming the file if it is missing, binary or not
-    UTF-8); notes the reader has for the user go to standard error."""
+def read_text(path: str, encoding: str = "utf-8") -> str:
+    """A text file in ``encoding`` (a Python codec name, or "auto": UTF-8, else Windows-1252, said on standard
+    error), read by rnnmath.data.read_text: a UserError naming the file if it is missing, binary or not in that
+    encoding; notes the reader has for the user go to standard error."""
     import sys
 
     from . import data
 
-    result = data.read_text(path)
+    result = data.read_text(path, encoding)
     text, notes = result if isinstance(result, tuple) else (result, [])  # newer readers also return notes
     for note in notes:
         print(f"rnnmath: {note}", file=sys.stderr)
@@ -661,11 +689,12 @@ def run_train(args, given: dict) -> int:
                 raise UserError(f"--{name.replace('_', '-')} {value} differs from the run being resumed in {out} "
                                 f"({getattr(saved, name)}); leave it out with --resume")
         config = saved
-    train_text = read_text(args.data)
-    val_text = read_text(args.val) if args.val else None
-    test_text = read_text(args.test) if args.test else None
-    if test_text is not None:
-        read_corpus(test_text, args.test)
+    encoding = getattr(args, "encoding", None) or "utf-8"
+    train_text = read_text(args.data, encoding)
+    val_text = read_text(args.val, encoding) if args.val else None
+    test_text = read_text(args.test, encoding) if args.test else None
+    if test_text is not None:  # checked now: a test file found wanting after training would waste the run
+        read_corpus(test_text, args.test, config.level)
     log = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr))
     progress = not (args.quiet or args.json) and sys.stderr.isatty()
     history = train_lm(config, train_text, val_text, out, resume=args.resume, progress=progress, log=log,
@@ -704,7 +733,8 @@ def format_metrics(metrics: dict, source: str) -> str:
 def run_evaluate(args) -> int:
     """``rnnmath evaluate DIR --data FILE`` on a language model."""
     trained = load_lm(args.model, getattr(args, "device", "cpu"))
-    text = read_corpus(read_text(args.data), args.data)
+    text = read_corpus(read_text(args.data, getattr(args, "encoding", None) or "utf-8"), args.data,
+                       trained.vocab.level)
     metrics = trained.evaluate_text(text, args.data)
     print(json.dumps(metrics, sort_keys=True) if args.json else format_metrics(metrics, args.data))
     return 0
@@ -899,7 +929,8 @@ def write_passage_report(reading: PassageReading, out_dir: str | Path, max_steps
 
 def run_inspect(args) -> int:
     """``rnnmath inspect DIR TEXT --out OUT`` on a language model (TEXT may be @FILE: the passage from a file)."""
-    text = read_text(args.text[1:]) if args.text.startswith("@") else args.text
+    encoding = getattr(args, "encoding", None) or "utf-8"
+    text = read_text(args.text[1:], encoding) if args.text.startswith("@") else args.text
     reading = read_passage(load_lm(args.model), text)
     path = write_passage_report(reading, args.out)
     print(json.dumps({**reading.to_json(), "report": str(path)}, ensure_ascii=False) if args.json else path)
