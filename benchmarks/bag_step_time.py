@@ -55,7 +55,8 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(times["no bag"])
     for name, t in times.items():
-        print(f"{name:24s} median {1000 * statistics.median(t):7.1f} ms/step  ({statistics.median(t) / base:.2f}x no bag)")
+        median = statistics.median(t)
+        print(f"{name:24s} median {1000 * median:7.1f} ms/step  ({median / base:.2f}x no bag)")
 
 
 if __name__ == "__main__":

@@ -348,9 +348,9 @@ def train_ensemble(config: Config, train_set: Examples, val_set: Examples, out: 
 
 def _start(config: Config, train_set: Examples, out: Path, resume: bool, overwrite: bool,
            on_start: Callable[[Path], None] | None, log: Callable[[str], None] | None):
-    """The checks and files of a fresh run: labels, vocabulary, --embeddings, size; then config.json, vocab.json, labels.json and the caller's files in ``out``.
-    Returns (config, vocab, labels, pretrained rows (V, E) with NaN rows for words not in the file, or None,
-    coverage or None)."""
+    """The checks and files of a fresh run: labels, vocabulary, --embeddings, size; then config.json,
+    vocab.json, labels.json and the caller's files in ``out``. Returns (config, vocab, labels, pretrained
+    rows (V, E) with NaN rows for words not in the file or None, coverage or None)."""
     pretrained = coverage = None
     if resume and not (out / CONFIG).exists():
         raise UserError(f"--resume: {out} holds no run to resume; train without --resume first")
