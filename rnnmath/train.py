@@ -166,7 +166,7 @@ def train(
     out = Path(out)
     saved = _saved_config(out) if resume else None
     if (saved.ensemble if saved is not None else config.ensemble) > 1:
-        return train_ensemble(saved or config, train_set, val_set, out, resume=resume and saved is not None,
+        return train_ensemble(saved or config, train_set, val_set, out, resume=resume,
                               progress=progress, log=log, on_start=on_start, overwrite=overwrite)
     if not distributed.is_main():
         progress, log = False, None
@@ -305,7 +305,7 @@ def train_ensemble(config: Config, train_set: Examples, val_set: Examples, out: 
     if distributed.world_size() > 1:
         raise UserError("--ensemble trains its members one after another in one process; leave out --workers "
                         "(or torchrun)")
-    if resume:
+    if resume and (out / CONFIG).exists():
         config, vocab, labels = load_description(out)
         if (out / WEIGHTS).exists() and (out / HISTORY).exists():
             history = read_json(out / HISTORY, "history")
