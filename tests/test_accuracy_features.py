@@ -288,3 +288,6 @@ def test_ensemble_resumed_after_a_stop_equals_an_uninterrupted_one(train_file, t
     code, stdout, err = run(capsys, "train", "--data", str(train_file), "--out", str(stopped), "--resume",
                             "--threads", "1")  # a finished ensemble: nothing to do
     assert code == 0 and "member" not in err and "trained an ensemble of 2" in stdout, err
+    examples = data.read_examples(train_file)
+    with pytest.raises(UserError, match="holds no run to resume"):
+        trainmod.train(Config(ensemble=2), examples, examples, tmp_path / "nothing", resume=True)
