@@ -30,6 +30,7 @@ from . import data as datamod
 from .config import PRESETS, Config
 from .data import Examples, read_examples
 from .errors import Interrupted, UserError
+from .lm_config import LM_PRESETS, LMConfig
 
 _COMMAND: str | None = None  # the subcommand this process runs, once main has seen argv (None: all)
 
@@ -93,6 +94,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, dict]:
     return dataclasses.replace(PRESETS[args.preset], **given).validate(), given
 
 
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
+                        help="where the model runs: cpu, cuda (cuda:N), or auto = cuda when a GPU is seen "
+                             "(default: cpu)")
+
+
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading data files")
     group.add_argument("--format", choices=datamod.FORMATS, default="auto",
@@ -127,7 +134,7 @@ def read_data(args: argparse.Namespace, path: str) -> Examples:
 
 # -- train -------------------------------------------------------------------------------------------------
 def add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a sentence classifier",
+    p = subparsers.add_parser("train", help="train a sentence classifier, or a language model (--task lm)",
                               description="Train a sentence classifier and write its model directory. With only "
                               "--data, that file is split (stratified, seeded) 80/10/10 into "
                               "train/validation/test; --val and --test give those parts as files instead (--val alone: "
@@ -136,8 +143,11 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--val", metavar="FILE", help="validation sentences (early stopping, choice of epoch)")
     p.add_argument("--test", metavar="FILE", help="test sentences, evaluated once at the end")
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="starting configuration; 'seed' is the seed's tanh RNN (default: default)")
+    p.add_argument("--preset", choices=sorted(PRESETS) + sorted(LM_PRESETS), default="default",
+                   help="starting configuration; 'seed' is the seed's tanh RNN; char-rnn and zaremba-small are "
+                        "language models (imply --task lm; docs/language_models.md) (default: default)")
+    p.add_argument("--task", choices=["classify", "lm"], default=None,
+                   help="a sentence classifier, or a language model of the text (default: classify)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (an error where "
                    "--out holds no run)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its model files only); "
@@ -148,15 +158,80 @@ def add_train_parser(subparsers) -> None:
                    help="train with N local processes (data-parallel, through torch.distributed's launcher, "
                         "as torchrun --nproc_per_node=N does); --batch-size is per process (default: 1)")
     add_threads_flag(p)
+    add_device_flag(p)
     p.add_argument("--max-labels", type=_number(int, 2, 10_000_000), default=None, metavar="N",
                    help="allow up to N distinct labels (default: 50, and labels must not be unique to most rows: "
                         "such a label column is text, e.g. columns swapped)")
     add_config_flags(p)
+    add_lm_flags(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_train)
 
 
+def add_lm_flags(parser: argparse.ArgumentParser) -> None:
+    """The language model's flags that the classifier lacks, one per field of ``LMConfig``, and --time-limit."""
+    group = parser.add_argument_group("language model (--task lm; defaults: the preset's, char-rnn without one)")
+    shared = {f.name for f in dataclasses.fields(Config)}
+    for f in dataclasses.fields(LMConfig):
+        if f.name in shared:
+            continue
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        elif meta["choices"] is not None:
+            group.add_argument(flag, choices=meta["choices"], default=None, help=meta["help"])
+        else:
+            kind = int if f.type == "int" else float
+            group.add_argument(flag, type=_number(kind, meta["low"], meta["high"]), default=None,
+                               metavar=f.name.upper(), help=meta["help"])
+    group.add_argument("--time-limit", type=_number(float, 1e-6, 1e7), default=None, metavar="MINUTES",
+                       help="stop after the window that passes MINUTES of wall time: evaluate, save, and exit; "
+                            "--resume continues")
+
+
+def lm_train_command(args: argparse.Namespace) -> int:
+    """``train --task lm``: the flags of LMConfig the user gave go to rnnmath.language_model.run_train."""
+    from . import language_model
+
+    lm_fields = {f.name for f in dataclasses.fields(LMConfig)}
+    for f in dataclasses.fields(Config):
+        if f.name not in lm_fields and getattr(args, f.name) is not None:
+            raise UserError(f"--{f.name.replace('_', '-')} is a flag of the classifier, not of --task lm")
+    if args.workers != 1:
+        raise UserError("--workers: a language model trains in one process; leave --workers out")
+    if args.max_labels is not None:
+        raise UserError("--max-labels is a flag of the classifier, not of --task lm")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+    set_threads(args)
+    if args.preset in PRESETS and args.preset != "default":
+        raise UserError(f"--preset {args.preset} is a classifier's; a language model takes "
+                        f"{' or '.join(sorted(LM_PRESETS))}")
+    given = {name: getattr(args, name) for name in lm_fields if getattr(args, name, None) is not None}
+    return language_model.run_train(args, given)
+
+
+def task_of(directory: str) -> str:
+    """The task a model directory was trained for ("classify" or "lm"), read from its config.json without
+    torch; "classify" when it cannot be read (the classifier's loader then says what is wrong)."""
+    try:
+        document = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "classify"
+    return document.get("task", "classify") if isinstance(document, dict) else "classify"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.task == "lm" or (args.task is None and args.preset in LM_PRESETS):
+        return lm_train_command(args)
+    if args.preset in LM_PRESETS:
+        raise UserError(f"--preset {args.preset} is a language model's; use it with --task lm")
+    for f in dataclasses.fields(LMConfig):
+        if hasattr(args, f.name) and f.name not in {g.name for g in dataclasses.fields(Config)} \
+                and getattr(args, f.name) is not None:
+            raise UserError(f"--{f.name.replace('_', '-')} is a flag of --task lm, not of the classifier")
+    if args.time_limit is not None:
+        raise UserError("--time-limit is a flag of --task lm, not of the classifier")
     from . import distributed
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -257,14 +332,15 @@ def train_command(args: argparse.Namespace) -> int:
         log(f"training on {threads} thread(s)")
     split = {"train": train_set, "val": val, "test": test}
     history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log,
-                    overwrite=args.overwrite, on_start=lambda out: write_split_record(out, split, reader_options(args)))
+                    overwrite=args.overwrite, on_start=lambda out: write_split_record(out, split, reader_options(args)),
+                    device=args.device)
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
     result = {"model": str(out), "train": len(train_set), "val": len(val), **history,
               "val_source": args.val or f"{'10%' if args.test else '10% (of 80/10/10)'} of {args.data}",
               "test_source": args.test or f"{'10%' if args.val else '10% (of 80/10/10)'} of {args.data}"}
     if len(test):
-        trained = load_model(out)
+        trained = load_model(out, args.device)
         predicted = trained.predict(test.texts).argmax(1)
         result["test"] = classification_metrics(label_indices(test, trained.labels).tolist(), predicted.tolist(),
                                                 trained.labels)
@@ -341,11 +417,20 @@ def add_evaluate_parser(subparsers) -> None:
                    help="evaluate this part of the run's split instead of --data")
     p.add_argument("--json", action="store_true", help="print one JSON object (accuracy, macro_f1, n, ...)")
     add_threads_flag(p)
+    add_device_flag(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if task_of(args.model) == "lm":
+        from . import language_model
+
+        if args.data is None or args.split is not None:
+            raise UserError("a language model is evaluated on --data FILE (the --split of a classifier's run does "
+                            "not apply)")
+        set_threads(args)
+        return language_model.run_evaluate(args)
     from .common import classification_metrics
     from .model import held_out, load_model, read_split_record, training_overlap
     from .train import label_indices
@@ -353,7 +438,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if (args.data is None) == (args.split is None):
         raise UserError("give either --data FILE or --split test|val|train")
     set_threads(args)
-    trained = load_model(args.model)
+    trained = load_model(args.model, args.device)
     if args.split:
         examples = held_out(args.model, args.split)
         for note in examples.notes:
@@ -407,15 +492,18 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: text, label, probabilities (label -> probability)")
     add_threads_flag(p)
+    add_device_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if task_of(args.model) == "lm":
+        raise UserError(f"{args.model} holds a language model; use 'rnnmath generate' or 'rnnmath evaluate'")
     from .model import load_model
 
     set_threads(args)
     texts = [text_argument(t, "TEXT") for t in args.texts]
-    trained = load_model(args.model)
+    trained = load_model(args.model, args.device)
 
     def answer(texts: list[str]) -> None:
         probabilities = trained.predict(texts)
@@ -474,6 +562,38 @@ def _decode_lines(raw: list[bytes], before: int) -> list[str]:
 def read_stdin_lines() -> list[str]:
     """All of standard input as lines (see ``stdin_batches``)."""
     return [line for batch in stdin_batches() for line in batch]
+
+
+# -- generate (language models) ---------------------------------------------------------------------------
+def add_generate_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="sample text from a language model",
+                              description="Run --prompt through a language model trained with 'rnnmath train "
+                              "--task lm', then sample tokens and print them as they come. The same model, "
+                              "prompt and --seed give the same text.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train --task lm'")
+    p.add_argument("--prompt", default="", help="text to start from (default: none, a new line)")
+    p.add_argument("--length", type=_number(int, 0, 10_000_000), default=500, metavar="N",
+                   help="tokens to sample (default: 500)")
+    p.add_argument("--temperature", type=_number(float, 0, 100), default=1.0, metavar="T",
+                   help="divide the logits by T; below 1 more likely, above 1 more varied text; 0 takes the "
+                        "most probable token (default: 1)")
+    p.add_argument("--top-k", type=_number(int, 0, 10_000_000), default=0, metavar="K",
+                   help="draw among the K most probable tokens only; 0: all (default: 0)")
+    p.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0, help="seed of the draws (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (prompt, text, ...) at the end")
+    add_threads_flag(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if task_of(args.model) != "lm":
+        raise UserError(f"{args.model}: not a language model (its config.json lacks \"task\": \"lm\"); "
+                        "train one with 'rnnmath train --task lm'")
+    from . import language_model
+
+    args.prompt = text_argument(args.prompt, "--prompt")
+    set_threads(args)
+    return language_model.run_generate(args)
 
 
 # -- demo --------------------------------------------------------------------------------------------------
@@ -633,13 +753,18 @@ def add_inspect_parser(subparsers) -> None:
                               "self-contained page) and its figures as PNG: the prediction after each word, the "
                               "hidden states and gates, the gradient through time and each word's attribution.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
-    p.add_argument("text", help="the sentence to read")
+    p.add_argument("text", help="the sentence to read (a language model: the passage, or @FILE to read it from FILE)")
     p.add_argument("--out", required=True, metavar="OUTDIR", help="directory for report.html and the PNGs")
     p.add_argument("--json", action="store_true", help="also print the numbers as one JSON object")
     p.set_defaults(func=cmd_inspect)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if task_of(args.model) == "lm":
+        from . import language_model
+
+        args.text = text_argument(args.text, "TEXT")
+        return language_model.run_inspect(args)
     from . import flow, plots
     from .model import HISTORY, load_model
 
@@ -723,6 +848,80 @@ def cmd_flow(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve and export (rnnmath/serve.py, rnnmath/export.py, docs/serving.md) ---------------------------------
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="answer predictions over HTTP (POST /predict, GET /health, GET /info)",
+                              description="Serve a trained model over HTTP until SIGTERM or Ctrl-C, which finish "
+                              "the requests in flight and exit with 0. Concurrent requests are joined into one "
+                              "forward pass of up to --max-batch texts, waiting at most --max-delay-ms for "
+                              "company. Needs the 'serve' extra: pip install 'rnnmath[serve]'. See docs/serving.md.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="TCP port; 0 picks a free one, "
+                   "printed at start (default: 8000)")
+    p.add_argument("--max-batch", type=_number(int, 1, 1_000_000), default=64, metavar="N",
+                   help="most texts in one forward pass; 1 turns batching off (default: 64)")
+    p.add_argument("--max-delay-ms", type=_number(float, 0, 60_000), default=5.0, metavar="MS",
+                   help="longest a request waits for others to join its forward pass (default: 5)")
+    p.add_argument("--max-texts", type=_number(int, 1, 10_000_000), default=1000, metavar="N",
+                   help="most texts in one request; more get 413 (default: 1000)")
+    p.add_argument("--max-body-bytes", type=_number(int, 1, 2**40), default=1 << 20, metavar="N",
+                   help="largest request body; larger get 413 (default: 1048576)")
+    p.add_argument("--threads", type=_number(int, 1, 4096), default=1, metavar="N",
+                   help="torch's intra-op threads for the forward passes (default: 1; see docs/serving.md)")
+    add_device_flag(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from . import serve
+    except ImportError as e:
+        raise UserError(f"rnnmath serve needs the 'serve' extra ({e.name} is not installed): "
+                        "pip install 'rnnmath[serve]'") from None
+    import torch
+
+    # measured (docs/serving.md): with 2 threads on a busy machine OpenMP stalls made batched passes ~30x
+    # slower; small passes gain little from intra-op threads anyway
+    torch.set_num_threads(args.threads)
+    service = serve.ClassifierService(args.model, args.max_batch, args.max_delay_ms / 1000, args.device)
+    limits = serve.Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts)
+
+    def announce(url: str) -> None:
+        print(f"rnnmath: serving {args.model} on {url} (POST /predict, GET /health, GET /info); Ctrl-C or SIGTERM "
+              "stops", file=sys.stderr, flush=True)
+
+    serve.serve(service, args.host, args.port, limits, announce=announce)
+    print("rnnmath: server stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def add_export_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write the model as ONNX, to run outside Python",
+                              description="Write a trained classifier as an ONNX graph: inputs ids int64 (B, T) "
+                              "and lengths int64 (B,), output probabilities float32 (B, C), batch and time axes "
+                              "dynamic; the vocabulary and labels go beside it (OUT.vocab.json, OUT.labels.json). "
+                              "The graph is checked with onnxruntime against the model before the command ends. "
+                              "Needs the 'export' extra: pip install 'rnnmath[export]'. See docs/serving.md.")
+    p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default: onnx)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from . import export
+    except ImportError as e:
+        raise UserError(f"rnnmath export needs the 'export' extra ({e.name} is not installed): "
+                        "pip install 'rnnmath[export]'") from None
+    result = export.export_onnx(args.model, args.out)
+    print(f"wrote {result.onnx} with {result.vocab} and {result.labels}; onnxruntime agrees with the model "
+          f"within {result.max_difference:.1e} on {result.checked}")
+    return 0
+
+
 def _workers():
     """rnnmath.distributed where the command imported it (train); where not, nothing runs in several
     processes, and a stand-in answers for it without importing torch."""
@@ -749,8 +948,9 @@ class _NoWorkers:
 
 
 # -- entry point -------------------------------------------------------------------------------------------
-SUBCOMMANDS = [add_train_parser, add_cv_parser, add_evaluate_parser, add_predict_parser, add_demo_parser,
-               add_datasets_parser, add_bench_parser, add_inspect_parser, add_flow_parser]
+SUBCOMMANDS = [add_train_parser, add_cv_parser, add_evaluate_parser, add_predict_parser, add_generate_parser,
+               add_demo_parser, add_datasets_parser, add_bench_parser, add_inspect_parser, add_flow_parser,
+               add_serve_parser, add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

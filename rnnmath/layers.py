@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import compiled
 from .cells import TOKEN_ID_DTYPES, Cell, GRUCell, LSTMCell, RNNCell
 
 
@@ -63,9 +64,11 @@ def scan(cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, h_mask:
     return output, state
 
 
-def _projection(cell: Cell, p: dict, layer_input: Tensor, d: int, lengths: Tensor | None) -> Tensor:
-    """The input projection of every step for direction d (the reverse one reversed within each length)."""
-    xw = cell.project(p, layer_input)  # (T, B, G)
+def _projection(cell: Cell, p: dict, layer_input: Tensor, d: int, lengths: Tensor | None,
+                compile: bool = False) -> Tensor:
+    """The input projection of every step for direction d (the reverse one reversed within each length);
+    ``compile``: through rnnmath.compiled (compiled once for all shapes when the cell overrides ``project``)."""
+    xw = compiled.project(cell, p, layer_input) if compile else cell.project(p, layer_input)  # (T, B, G)
     return reverse_padded(xw, lengths) if d == 1 else xw
 
 
@@ -235,11 +238,12 @@ class Recurrent(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, input, hx=None, lengths: Tensor | None = None):
-        if torch.jit.is_tracing() and not _is_exporting():
+        if torch.jit.is_tracing():  # torch.jit.trace, and torch.onnx.export(dynamo=False), which traces
+            tracer = "torch.onnx.export(dynamo=False)" if _is_exporting() else "torch.jit.trace"
             raise RuntimeError(
-                f"torch.jit.trace cannot record rnnmath.{type(self).__name__}: the loop over time would be unrolled "
+                f"{tracer} cannot record rnnmath.{type(self).__name__}: the loop over time would be unrolled "
                 "to the traced length and give silently wrong shapes at any other length; run the module "
-                "eagerly, or use torch.compile / torch.export"
+                "eagerly, or use torch.compile / torch.export / torch.onnx.export(dynamo=True)"
             )
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
@@ -326,7 +330,8 @@ class Recurrent(nn.Module):
                 p = self.layer_params(k, d)
                 if dtype != x.dtype or any(t is not None and t.dtype != dtype for t in p.values()):
                     p = {n: t if t is None else t.to(dtype) for n, t in p.items()}  # autocast
-                xw = _projection(cell, p, layer_input, d, lengths)  # (T, B, G): every step's input in one product
+                compile = self.fast and self._trace is None and compiled.supported(layer_input)
+                xw = _projection(cell, p, layer_input, d, lengths, compile)  # (T, B, G): every step's input at once
 
                 def xw_again(cell=cell, p=p, layer_input=layer_input, d=d):  # for a double backward's replay
                     return _projection(cell, p, layer_input, d, lengths)
@@ -348,20 +353,28 @@ class Recurrent(nn.Module):
             regularise.update(h_mask=h_mask)
         if self.zoneout:
             regularise.update(zoneout=self.zoneout, training=self.training)
+        if torch.compiler.is_exporting():  # torch.export / ONNX: one scan operator, time axis kept symbolic
+            from . import scan_op
+
+            return scan_op.scan(cell, p, xw, state, mask, **regularise)
         if self._trace is not None:
             cell._recorder = self._trace.recorder(k, d)
             try:
                 return scan(cell, p, xw, state, mask, **regularise)
             finally:
                 cell._recorder = None
-        if self._path(cell, regularise, (xw, *state, *(t for t in p.values() if t is not None))) == "fast":
+        path = self._path(cell, regularise, (xw, *state, *(t for t in p.values() if t is not None)))
+        if path == "generic":
+            return compiled.generic_scan(cell, p, xw, state, mask)
+        if path == "fast":
             if cell.fast_scan_recomputes_input:
                 return cell.fast_scan(p, xw, state, mask, xw_again=xw_again)
             return cell.fast_scan(p, xw, state, mask)
         return scan(cell, p, xw, state, mask, **regularise)
 
     def _path(self, cell: Cell, regularise: dict, tensors) -> str:
-        """Which loop runs: ``"fast"`` (the cell's ``fast_scan``) or ``"loop"`` (the readable ``scan``).
+        """Which loop runs: ``"generic"`` (rnnmath.compiled), ``"fast"`` (the cell's ``fast_scan``) or ``"loop"``
+        (the readable ``scan``).
 
         The rule, in order: the readable loop whenever something looks inside or changes the step (tracing,
         recurrent dropout, zoneout), when ``layer.fast`` is False or the cell has no fast_scan, when inputs or
@@ -372,7 +385,13 @@ class Recurrent(nn.Module):
         choice here: the fused Functions' backward replays the readable loop when asked for them
         (:mod:`rnnmath.fused`).
         """
-        if regularise or not self.fast or getattr(cell, "fast_scan", None) is None:
+        if regularise or not self.fast:
+            return "loop"
+        # on the CPU, any cell whose hand-written path is not faster: its step split, derived and compiled
+        # (compilation on, float32/float64, no autocast, transform, forward-mode AD or torch.compile around it)
+        if compiled.supported(tensors[0]) and compiled.chosen_for(cell):
+            return "generic"
+        if getattr(cell, "fast_scan", None) is None:
             return "loop"
         if cell.fast_scan_composable:  # plain torch code: runs under every transform
             return "fast"
@@ -520,7 +539,7 @@ def trace(layer: Recurrent, keep_graph: bool = False) -> Iterator[Trace]:
 
 
 def _is_exporting() -> bool:
-    """True inside torch.onnx.export (whose path through the layers is rnnmath's export code's business)."""
+    """True inside torch.onnx.export; with dynamo=False it traces, and the layer refuses (see forward)."""
     return torch.onnx.is_in_onnx_export()
 
 

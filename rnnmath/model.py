@@ -229,7 +229,8 @@ class TrainedModel:
     def predict(self, texts: list[str]) -> Tensor:
         """Probabilities (N, C) of ``texts``, columns in the order of ``labels``."""
         ids, lengths = encode(texts, self.vocab, self.config.max_len)
-        return self.model.log_probs(ids, lengths).exp()
+        device = self.model.out.weight.device
+        return self.model.log_probs(ids.to(device), lengths.to(device)).exp().cpu()
 
 
 def write_json(path: Path, kind: str, **content: Any) -> None:
@@ -382,8 +383,30 @@ def save_weights(directory: Path, model: nn.Module) -> None:
     write_safetensors(directory / WEIGHTS, "weights", model.state_dict())
 
 
-def load_model(directory: str | Path) -> TrainedModel:
-    """Rebuild the trained classifier from a model directory (config, vocabulary, labels, weights)."""
+def resolve_device(name: str | torch.device = "cpu") -> torch.device:
+    """``"cpu"``, ``"cuda"`` (``"cuda:N"``) or ``"auto"`` (CUDA when torch sees a GPU, else the CPU) as a
+    torch.device; a UserError naming ``--device`` when CUDA is asked for but not available."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
+    """Rebuild the trained classifier from a model directory (config, vocabulary, labels, weights), on
+    ``device`` (see ``resolve_device``)."""
+    device = resolve_device(device)
     directory = Path(directory)
     config, vocab, labels = load_description(directory)
     model = build_model(config, len(vocab), len(labels))
@@ -396,7 +419,7 @@ def load_model(directory: str | Path) -> TrainedModel:
                         "or the file was removed")
     tensors, _ = read_safetensors(path, "weights")
     load_weights(model, tensors, path)
-    model.eval()
+    model.to(device).eval()
     return TrainedModel(config, vocab, labels, model)
 
 

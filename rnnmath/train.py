@@ -49,6 +49,7 @@ from .model import (
     member_config,
     read_json,
     read_safetensors,
+    resolve_device,
     save_description,
     save_weights,
     trim,
@@ -147,6 +148,7 @@ def train(
     log: Callable[[str], None] | None = None,
     on_start: Callable[[Path], None] | None = None,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
     directory ``out`` (see rnnmath.model) and return its history.
@@ -161,13 +163,21 @@ def train(
     Run by several processes (torchrun, see rnnmath.distributed), each reads its share of every batch,
     DDP averages the gradients, and only rank 0 reports progress and writes ``out``.
 
+    ``device``: where the model trains (``"cpu"``, ``"cuda"``, ``"auto"``; see ``rnnmath.model.resolve_device``).
+    Batches are drawn, and word dropout applied, on the CPU and then moved there, so the data order is the
+    same on every device; dropout's random draws come from that device's generator.
+
     With ``config.ensemble`` N > 1 (or when resuming such a run) see ``train_ensemble``.
     """
     out = Path(out)
     saved = _saved_config(out) if resume else None
     if (saved.ensemble if saved is not None else config.ensemble) > 1:
-        return train_ensemble(saved or config, train_set, val_set, out, resume=resume,
-                              progress=progress, log=log, on_start=on_start, overwrite=overwrite)
+        return train_ensemble(saved or config, train_set, val_set, out, resume=resume, progress=progress, log=log,
+                              on_start=on_start, overwrite=overwrite, device=device)
+    device = resolve_device(device)
+    if device.type != "cpu" and distributed.world_size() > 1:
+        raise UserError(f"--device {device}: training on a GPU with several processes is not supported yet; "
+                        "use one process, or --device cpu")
     if not distributed.is_main():
         progress, log = False, None
     if len(val_set) == 0:
@@ -193,6 +203,7 @@ def train(
         with torch.no_grad():
             found = ~pretrained[:, 0].isnan()
             model.embedding.weight[found] = pretrained[found]
+    model.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                  weight_decay=config.weight_decay)
     state = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "best_accuracy": -1.0, "best_epoch": 0,
@@ -224,8 +235,8 @@ def train(
                 if config.word_dropout:
                     unknown = torch.rand(batch_ids.shape) < config.word_dropout
                     batch_ids = batch_ids.masked_fill(unknown & (batch_ids > 0), 1)  # UNK, never on PAD
-                log_p = net(batch_ids, batch_lengths)  # (B, C)
-                loss = F.nll_loss(log_p, y[rows])
+                log_p = net(batch_ids.to(device), batch_lengths.to(device))  # (B, C)
+                loss = F.nll_loss(log_p, y[rows].to(device))
                 if not torch.isfinite(loss):
                     raise UserError(f"training stopped at epoch {epoch + 1}, batch {b + 1}: the loss became "
                                     f"{loss.item()}; {_kept(out)} (try a lower --lr)")
@@ -248,7 +259,7 @@ def train(
 
             check_finite(model, f"the end of epoch {epoch + 1}", out)  # never checkpoint a broken model
             val_rows = distributed.rows(len(val_y))  # this process's share of the validation set (all alone)
-            val_pred = model.log_probs(val_ids[val_rows], val_lengths[val_rows]).argmax(1)
+            val_pred = model.log_probs(val_ids[val_rows].to(device), val_lengths[val_rows].to(device)).argmax(1).cpu()
             accuracy = distributed.mean((val_pred == val_y[val_rows]).double())
             (loss_sum,) = distributed.total(state["loss_sum"])
             state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / len(y),
@@ -285,7 +296,8 @@ def _saved_config(out: Path) -> Config | None:
 
 def train_ensemble(config: Config, train_set: Examples, val_set: Examples, out: Path, resume: bool = False,
                    progress: bool = False, log: Callable[[str], None] | None = None,
-                   on_start: Callable[[Path], None] | None = None, overwrite: bool = False) -> dict:
+                   on_start: Callable[[Path], None] | None = None, overwrite: bool = False,
+                   device: str | torch.device = "cpu") -> dict:
     """Train the ``config.ensemble`` = N members of an ensemble one after another and write them as one
     model directory (see rnnmath.model, ``Ensemble``); return its history.
 
@@ -319,7 +331,7 @@ def train_ensemble(config: Config, train_set: Examples, val_set: Examples, out: 
         started = (member_out / CONFIG).exists()
         member_log = None if log is None else (lambda line, k=k: log(f"member {k + 1}/{config.ensemble}: {line}"))
         histories.append(train(member_config(config, k), train_set, val_set, member_out, resume=started,
-                               overwrite=not started, progress=progress, log=member_log))
+                               overwrite=not started, progress=progress, log=member_log, device=device))
     tensors: dict[str, Tensor] = {}
     for k in range(config.ensemble):
         member_out = out / MEMBERS / str(k)

@@ -1,0 +1,430 @@
+"""The generic fast path: any cell's time loop, with its step split, traced, differentiated and compiled once.
+
+Shape letters: T time, B batch, H hidden, G gate rows (the rows of W_hh), I input.
+
+The readable loop (:func:`rnnmath.layers.scan` calling ``cell.step``) is the specification; this module derives
+a faster equivalent of it from ``cell.step`` alone, for any cell written as docs/cells.md shows, with no
+hand-written derivative:
+
+1. **Split.** A step is the recurrent product ``hw = h W_hhᵀ`` and an *update* ``(x, hw, state, p) -> state``
+   holding everything else (gates, normalisation, the cell's pointwise and row-wise math). The split is found
+   by running ``cell.step`` under a :class:`torch.overrides.TorchFunctionMode` that answers the product of the
+   state's h with ``W_hh`` (``F.linear``, ``mm``, ``addmm``, ``matmul``, ``@``, through ``W_hh.t()``/``.T``)
+   with an input ``hw``. A cell whose ``W_hh`` is used any other way (IndRNN's vector ``u ⊙ h``), or that
+   has none (minGRU), keeps every parameter inside the update.
+2. **Trace.** ``torch.fx.experimental.proxy_tensor.make_fx`` records the update as a graph of ATen operations,
+   and the graph of its vector-Jacobian product (autograd of the update, recomputing its forward from the
+   saved inputs): the derivative is autograd's, generated once per cell, shape, dtype and device.
+3. **Compile** (on by default). ``torch._inductor.compile`` turns each graph into fused C++ loops (TorchInductor,
+   Ansel et al. 2024, "PyTorch 2"; the layer enables this path on the CPU only, the one device measured).
+   The compiled code is cached in memory per cell and shapes, and by inductor on disk (its FX-graph cache).
+   It happens on the :data:`min_calls`-th call with a batch size (before, the cell's other paths run), so
+   one-off shapes cost nothing. Compile time is counted in :data:`COMPILE_SECONDS`. ``RNNMATH_COMPILE=0``
+   (read at import) or ``rnnmath.compiled.enabled = False`` turns compilation off; the layer then runs a
+   cell's hand-written ``fast_scan`` if it has one, else the readable loop.
+4. **Scan.** One :class:`torch.autograd.Function` runs the loop: the forward pass, with nothing recorded for
+   autograd, is one matrix product and one compiled update call a step; the backward pass is one compiled
+   vector-Jacobian call and one product ``∂L/∂hw_t W_hh`` a step, and after the loop ``∂L/∂W_hh =
+   Σ_t ∂L/∂hw_tᵀ h_{t-1}`` is ONE matrix product over all steps (as in :mod:`rnnmath.fused`). ∂L/∂x is
+   returned whole, so the layer's input projection gets its weight gradient as one product as well.
+
+Lengths (``mask`` (T, B, 1)) are part of the traced update: past a sequence's length the state is carried
+unchanged, exactly as in ``scan``. The values equal the readable loop's within floating-point tolerance
+(different but equally exact roundings: fused multiply-adds, a different order of a sum), not bit for bit.
+
+Limits, where :class:`rnnmath.Recurrent` uses another path instead (``supported`` says which): recurrent
+dropout, zoneout and tracing (the readable loop); torch.compile, torch.func transforms, forward-mode AD and
+autocast (the readable loop, which supports them); devices other than the CPU (not measured: no GPU was lent).
+The compiled backward is first order: when the backward pass is itself recorded (``create_graph=True``: double
+backward, gradient penalties) or batched (``is_grads_batched``), it differentiates the readable loop replayed
+from the saved inputs instead, so those gradients are exact and differentiable as well.
+
+If the compiler fails (no C++ compiler, say), a warning says so once, compilation is switched off for the
+process and the layer falls back to its other paths.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from .cells import Cell, GRUCell, RNNCell
+
+enabled: bool = os.environ.get("RNNMATH_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+"""Use the compiled generic path (default True). False (or RNNMATH_COMPILE=0 at import) never starts the
+compiler: cells with a hand-written ``fast_scan`` run it, the others the readable loop."""
+
+min_calls: int = 3
+"""Compile a cell's step for a batch size on its ``min_calls``-th call with it (and its projection on its
+``min_calls``-th call); earlier calls take the cell's other paths. One-off shapes (a last partial batch, a single
+prediction) then never pay seconds of compilation."""
+
+COMPILE_SECONDS: dict[str, float] = {}
+"""Seconds spent tracing and compiling, per cell class and shapes (e.g. ``"LayerNormLSTMCell B=64 H=256 ..."``)."""
+
+
+# per cell object (one per layer), outside it so that copying or deep-copying a layer copies no compiled code
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROJECTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # calls per cell and shapes before compiling
+
+
+class NotSplittable(Exception):
+    """W_hh is used other than in the one product h W_hhᵀ: the update keeps W_hh as an ordinary input."""
+
+
+_PRODUCTS = {F.linear, torch.mm, torch.addmm, torch.matmul, Tensor.__matmul__, Tensor.matmul, Tensor.mm}
+_TRANSPOSES = {Tensor.t, torch.t, Tensor.T.__get__}
+
+
+class _SplitRecurrentProduct(TorchFunctionMode):
+    """While cell.step runs, answer h W_hhᵀ (in any of its spellings) with the given hw instead of computing it."""
+
+    def __init__(self, weight: Tensor, h: Tensor, hw: Tensor) -> None:
+        super().__init__()
+        self.weight, self.h, self.hw = weight, h, hw
+        self.transposed: list[Tensor] = []  # W_hh.t() results seen so far (kept alive for the identity test)
+        self.uses = 0
+
+    def _is(self, t, kind: str) -> bool:
+        if kind == "w":
+            return t is self.weight
+        return any(t is w for w in self.transposed)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        everything = list(args) + list(kwargs.values())
+        touches = [a for a in everything if isinstance(a, Tensor) and (self._is(a, "w") or self._is(a, "t"))]
+        if not touches:
+            return func(*args, **kwargs)
+        if func in _TRANSPOSES and self._is(args[0], "w") and len(everything) == 1:
+            marker = torch.empty(0, device="meta")  # stands for W_hhᵀ; any use but the product is refused
+            self.transposed.append(marker)
+            return marker
+        if func is F.linear and args[0] is self.h and self._is(args[1], "w") and len(everything) <= 3:
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            self.uses += 1
+            return self.hw if bias is None else self.hw + bias
+        if func in (torch.mm, torch.matmul, Tensor.__matmul__, Tensor.matmul, Tensor.mm) and not kwargs \
+                and args[0] is self.h and self._is(args[1], "t"):
+            self.uses += 1
+            return self.hw
+        if func is torch.addmm and not kwargs and len(args) == 3 and args[1] is self.h and self._is(args[2], "t"):
+            self.uses += 1
+            return args[0] + self.hw
+        raise NotSplittable(f"{getattr(func, '__name__', func)} uses W_hh")
+
+
+@dataclass
+class _Graphs:
+    """The traced and compiled update of one cell at one set of shapes."""
+
+    forward: object  # (x, [hw], *state, *params, [keep]) -> state fields
+    backward: object  # (same inputs, *grad_state) -> grads of x, [hw], state fields, params
+    split: bool  # hw is an input (W_hh left out of the update)
+    names: list[str]  # the parameter names that are inputs of the update, in order
+
+
+def _update_function(cell, names: list[str], split: bool, n_state: int, masked: bool, p_all: dict):
+    """(x, [hw], *state, *params, [keep]) -> new state fields, from cell.step alone."""
+
+    def update(*inputs):
+        x, rest = inputs[0], list(inputs[1:])
+        hw = rest.pop(0) if split else None
+        keep = rest.pop() if masked else None
+        state = cell.State(*rest[:n_state])
+        p = dict(p_all)
+        p.update(zip(names, rest[n_state:]))
+        if split:
+            with _SplitRecurrentProduct(p["weight_hh"], state.h, hw) as mode:
+                new = cell.step(p, x, state)
+            if mode.uses != 1:
+                raise NotSplittable(f"h W_hhᵀ computed {mode.uses} times")
+        else:
+            new = cell.step(p, x, state)
+        if masked:
+            new = type(new)(*(torch.where(keep, n, s) for n, s in zip(new, state)))
+        return tuple(new)
+
+    return update
+
+
+def _vjp_function(update, n_inputs: int):
+    def vjp(*inputs_and_grads):
+        inputs, grads = inputs_and_grads[:n_inputs], inputs_and_grads[n_inputs:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+            outputs = update(*leaves)
+            wrt = [t for t in leaves if t.requires_grad]
+            found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+        found = iter(found)
+        return tuple(next(found) if t.requires_grad else None for t in leaves)
+
+    return vjp
+
+
+def _compile(gm, example, compile: bool):
+    if not compile:
+        return gm  # the traced graph run as it is: the same math, without the fused kernels (tests use it)
+    from torch import _inductor
+
+    return _inductor.compile(gm, example)
+
+
+def _build(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool) -> _Graphs:
+    """Split, trace and compile cell.step for the shapes of one step of xw (T, B, G)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    start = time.perf_counter()
+    n_state = len(state)
+    x0, keep0 = xw[0], (mask[0] if mask is not None else None)
+    has_w = isinstance(p.get("weight_hh"), Tensor) and p["weight_hh"].dim() == 2
+    graphs = None
+    for split in ((True, False) if has_w else (False,)):
+        names = [n for n, t in p.items() if isinstance(t, Tensor) and not (split and n == "weight_hh")]
+        constants = {n: t for n, t in p.items() if not isinstance(t, Tensor)}
+        if split:  # only its identity is used: the mode answers every product with it
+            constants["weight_hh"] = p["weight_hh"].detach()
+        hw0 = state.h @ p["weight_hh"].detach().t() if split else None
+        lead = [x0.detach(), *([hw0] if split else []), *(s.detach() for s in state)]
+        try:
+            while True:  # trace; then again without the parameters the step does not use (W_ih: project's)
+                update = _update_function(cell, names, split, n_state, mask is not None, constants)
+                inputs = lead + [p[n].detach() for n in names] + ([keep0] if mask is not None else [])
+                with torch.no_grad():
+                    outputs = update(*inputs)
+                fwd = make_fx(update, tracing_mode="fake")(*inputs)
+                placeholders = [node for node in fwd.graph.nodes if node.op == "placeholder"]
+                used = [n for n, node in zip(names, placeholders[len(lead):]) if node.users]
+                if used == names:
+                    break
+                names = used
+        except NotSplittable:
+            continue
+        grads = [torch.ones_like(o) for o in outputs]
+        bwd = make_fx(_vjp_function(update, len(inputs)), tracing_mode="fake")(*inputs, *grads)
+        graphs = _Graphs(_compile(fwd, inputs, compile), _compile(bwd, inputs + grads, compile), split, names)
+        break
+    if compile:
+        key = f"{type(cell).__name__} B={xw.shape[1]} H={state.h.shape[1]} {str(xw.dtype)[6:]}"
+        COMPILE_SECONDS[key + (" lengths" if mask is not None else "")] = time.perf_counter() - start
+    return graphs
+
+
+def _graphs(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool) -> _Graphs:
+    """The graphs of cell for these shapes, built on first use and kept while the cell lives (one per layer)."""
+    key = (tuple(xw.shape[1:]), tuple(state.h.shape), xw.dtype, xw.device, mask is not None, compile,
+           tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in p.items()))
+    cache = _GRAPHS.setdefault(cell, {})
+    if key not in cache:
+        if compile and not _due(cell, key):
+            return None
+        try:
+            cache[key] = _build(cell, p, xw, state, mask, compile)
+        except Exception as error:  # noqa: BLE001 - a step that cannot be traced, or a compiler failure
+            if compile and _is_compiler_error(error):
+                _give_up(error)
+                return None
+            cache[key] = None  # e.g. Python control flow on tensor values: this cell keeps the readable loop
+    return cache[key]
+
+
+def _due(cell, key) -> bool:
+    """Count a call of `cell` with `key`; True from the min_calls-th on."""
+    seen = _SEEN.setdefault(cell, {})
+    seen[key] = seen.get(key, 0) + 1
+    return seen[key] >= min_calls
+
+
+def _is_compiler_error(error: Exception) -> bool:
+    return "inductor" in type(error).__module__ or "Compil" in type(error).__name__ or isinstance(error, OSError)
+
+
+class _GenericScan(torch.autograd.Function):
+    """The time loop of any cell with the derived update (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, graphs, cell, p_template, xw, mask, n_state, weight_hh, *state_and_params):
+        T = xw.shape[0]
+        # the compiled code assumes the layouts it was traced with: contiguous (expanded or transposed inputs,
+        # e.g. the gradient of a sum, would fail its stride checks)
+        xw = xw.contiguous()
+        state = [s.contiguous() for s in state_and_params[:n_state]]
+        params = [q.contiguous() for q in state_and_params[n_state:]]
+        w_t = weight_hh.t() if graphs.split else None
+        hws = xw.new_empty(T, xw.shape[1], weight_hh.shape[0]) if graphs.split else None  # (T, B, G)
+        keep = mask.unbind(0) if mask is not None else None
+        history = [state]  # the state before each step, and the last one
+        for t in range(T):
+            inputs = [xw[t]]
+            if graphs.split:
+                inputs.append(torch.mm(state[0], w_t, out=hws[t]))
+            inputs += state + params
+            if keep is not None:
+                inputs.append(keep[t])
+            state = [s.contiguous() for s in graphs.forward(*inputs)]
+            history.append(state)
+        ctx.graphs, ctx.cell, ctx.p_template, ctx.n_state, ctx.T = graphs, cell, p_template, n_state, T
+        fields = [torch.stack([s[i] for s in history]) for i in range(n_state)]  # (T+1, B, H) each
+        ctx.save_for_backward(xw, mask, weight_hh, hws, *fields, *params, *state_and_params[:n_state])
+        output = fields[0][1:]
+        if mask is not None:
+            output = output.masked_fill(~mask, 0.0)
+        return (output, *(f[-1].clone() for f in fields))
+
+    @staticmethod
+    def backward(ctx, grad_output, *grad_last):
+        graphs, n_state, T = ctx.graphs, ctx.n_state, ctx.T
+        xw, mask, weight_hh, hws, *rest = ctx.saved_tensors
+        fields, params, state0 = rest[:n_state], rest[n_state:-n_state], rest[-n_state:]
+        if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+                or any(torch._C._functorch.is_legacy_batchedtensor(g) for g in (grad_output, *grad_last))):
+            return (None, None, None, *_replay_backward(ctx, xw, mask, weight_hh, state0, params,
+                                                        (grad_output, *grad_last)))
+        if mask is not None:
+            grad_output = grad_output.masked_fill(~mask, 0.0)
+        grads = [g.contiguous() if g is not None else torch.zeros_like(f[-1]) for g, f in zip(grad_last, fields)]
+        grads[0] = grads[0] + grad_output[T - 1]
+        # per step only the compiled call and the product ∂L/∂hw_t W_hh; everything else is gathered after the loop
+        dxs, dhws, dparams = [], [], [[] for _ in params]
+        keep = mask.unbind(0) if mask is not None else None
+        lead = 2 if graphs.split else 1
+        grad_outputs = grad_output.unbind(0)
+        for t in reversed(range(T)):
+            inputs = [xw[t]] + ([hws[t]] if graphs.split else []) + [f[t] for f in fields] + list(params)
+            if keep is not None:
+                inputs.append(keep[t])
+            found = graphs.backward(*inputs, *grads)
+            dxs.append(found[0])
+            for acc, g in zip(dparams, found[lead + n_state:lead + n_state + len(params)]):
+                if g is not None:
+                    acc.append(g)
+            dstate = [g if g is not None else torch.zeros_like(f[t])
+                      for g, f in zip(found[lead:lead + n_state], fields)]
+            direct = found[lead]  # ∂L/∂h_{t-1} other than through hw (None when h enters only the product)
+            if graphs.split:
+                dhws.append(found[1])
+                carried = grad_outputs[t - 1] if t > 0 else None
+                if direct is not None:
+                    carried = direct if carried is None else carried + direct
+                # ∂L/∂h_{t-1} through hw = h W_hhᵀ
+                dstate[0] = torch.mm(found[1], weight_hh) if carried is None else torch.addmm(carried, found[1],
+                                                                                            weight_hh)
+            elif t > 0:
+                dstate[0] = dstate[0] + grad_outputs[t - 1]
+            grads = [g.contiguous() for g in dstate]
+        dx = torch.stack(dxs[::-1])  # (T, B, G_x)
+        dparams = [torch.stack(g).sum(0) if g else torch.zeros_like(q) for g, q in zip(dparams, params)]
+        dW = None
+        if graphs.split and ctx.needs_input_grad[6]:
+            dhw = torch.stack(dhws[::-1])  # (T, B, G)
+            G, H = dhw.shape[2], fields[0].shape[2]
+            dW = torch.mm(dhw.reshape(-1, G).t(), fields[0][:-1].reshape(-1, H))  # (G, H): one product
+        return (None, None, None, dx, None, None, dW, *grads, *dparams)
+
+
+def _replay_backward(ctx, xw, mask, weight_hh, state0, params, grads) -> list:
+    """Gradients of (xw, mask, n_state, W_hh, *state, *params) by differentiating the readable loop replayed
+    from the saved inputs; recorded when the backward pass is (create_graph=True), so they are differentiable."""
+    from .layers import scan  # the readable loop; imported here because layers imports this module
+
+    graphs, n_state = ctx.graphs, ctx.n_state
+    create_graph = torch.is_grad_enabled()
+    inputs = [xw, weight_hh, *state0, *params]
+    needs = [ctx.needs_input_grad[3], ctx.needs_input_grad[6], *ctx.needs_input_grad[7:]]
+    with torch.enable_grad():
+        if not create_graph:
+            inputs = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+        xw_, w, *rest = inputs
+        p = dict(ctx.p_template)
+        p.update(zip(graphs.names, rest[n_state:]))
+        if graphs.split:
+            p["weight_hh"] = w
+        output, last = scan(ctx.cell, p, xw_, ctx.cell.State(*rest[:n_state]), mask)
+        wrt = [t for t, n in zip(inputs, needs) if n]
+        found = iter(torch.autograd.grad([output, *last], wrt, grads, create_graph=create_graph,
+                                         allow_unused=True, materialize_grads=True))
+    dxw, dw, *drest = [next(found) if n else None for n in needs]
+    return [dxw, None, None, dw, *drest]
+
+
+HAND_WRITTEN_FASTER: tuple[type, ...] = (RNNCell, GRUCell)
+"""Cells whose hand-written ``fast_scan`` measured at least as fast as the generic path on the CPU (``rnnmath
+bench``, 1 thread, H=256 T=30 B=64, training: Elman RNN 0.85 against 1.13 × torch.nn.RNN, GRU 0.88 both): they
+keep it and never pay compilation (the demo's GRU: 165 s without, 318 s with it on the loaded machine). The
+exact class only; a subclass with its own ``step`` gets the generic path."""
+
+
+def chosen_for(cell) -> bool:
+    """Whether the layer should run this cell through the generic path (when :func:`supported`)."""
+    return type(cell) not in HAND_WRITTEN_FASTER
+
+
+def supported(xw: Tensor) -> bool:
+    """Whether the compiled generic path may run now: compilation on, a CPU tensor, and no mode it cannot serve."""
+    return (enabled and xw.device.type == "cpu" and xw.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(xw.device.type)
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and torch.autograd.forward_ad._current_level < 0)  # no forward-mode AD level entered
+
+
+def generic_scan(cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, compile: bool = True):
+    """Any cell's time loop through the split, derived and compiled update; same contract as ``layers.scan``.
+
+    xw (T, B, G) are the input projections, state the cell's State of (B, H) fields, mask (T, B, 1) or None.
+    Returns the outputs h_t (T, B, H), zero past each length, and the last state. ``compile=False`` runs the
+    traced graphs without compiling them (the same derivation; the tests use it for every cell).
+    """
+    T = xw.shape[0]
+    if T == 0:
+        return xw.new_zeros(0, xw.shape[1], cell.hidden_size), state
+    graphs = _graphs(cell, p, xw, state, mask, compile)
+    if graphs is None:  # not yet due, cannot be traced, or the compiler failed: the cell's other paths
+        from .layers import scan
+
+        fast_scan = getattr(cell, "fast_scan", None)
+        return fast_scan(p, xw, state, mask) if fast_scan is not None else scan(cell, p, xw, state, mask)
+    weight_hh = p["weight_hh"] if graphs.split else xw.new_zeros(0, 0)
+    params = [p[n] for n in graphs.names]
+    template = {n: t for n, t in p.items() if not isinstance(t, Tensor)}
+    output, *last = _GenericScan.apply(graphs, cell, template, xw, mask, len(state), weight_hh, *state, *params)
+    return output, type(state)(*last)
+
+
+def project(cell, p: dict, x: Tensor) -> Tensor:
+    """cell.project(p, x) for all steps, compiled once for every T and B (dynamic shapes) when the cell overrides
+    the plain ``x W_ihᵀ + b_ih`` (LayerNorm-LSTM normalises it); token ids always run eagerly (their check)."""
+    if type(cell).project is Cell.project or not x.is_floating_point():
+        return cell.project(p, x)
+    fn = _PROJECTS.get(cell)
+    if fn is None:
+        if not _due(cell, "project"):
+            return cell.project(p, x)
+        start = time.perf_counter()
+        fn = torch.compile(lambda p, x: cell.project(p, x), dynamic=True, fullgraph=True)
+        try:
+            xw = fn(p, x)  # the first call compiles
+        except Exception as error:  # noqa: BLE001 - any compiler failure: say so once, then run eagerly
+            _give_up(error)
+            return cell.project(p, x)
+        COMPILE_SECONDS[f"{type(cell).__name__} project"] = time.perf_counter() - start
+        _PROJECTS[cell] = fn
+        return xw
+    return fn(p, x)
+
+
+def _give_up(error: Exception) -> None:
+    """Compilation failed: warn once and switch it off for this process (the layers then use their other paths)."""
+    global enabled
+    enabled = False
+    warnings.warn(f"rnnmath: compiling the generic fast path failed ({type(error).__name__}: {error}); "
+                  "using the readable loop instead (set RNNMATH_COMPILE=0 to skip the attempt)", stacklevel=3)

@@ -1,0 +1,235 @@
+"""The generic fast path (rnnmath.compiled) against the readable loop it replaces, for every cell.
+
+The readable loop (``layers.scan`` calling ``cell.step``) is the specification. The generic path splits the
+step, traces it and differentiates it by autograd; with ``compile=False`` it runs the traced graphs as they are,
+which checks that derivation for every cell, in float64 to 1e-12 and float32 to 1e-6 (relative to each
+tensor's scale), with lengths (zero included) and a given initial state. Compilation itself (inductor) takes
+seconds per cell on 2 busy cores, so only a few small tests compile (float32 and float64, lengths, a doc cell).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnmath
+from rnnmath import compiled, layers
+from rnnmath.cells import CELLS
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def run_path(cell, p, xw, state, mask, generic: bool, compile: bool = False):
+    """Forward and backward through one path; returns the outputs and the gradients of xw, state and p."""
+    leaves = [xw, *state, *(t for t in p.values() if t is not None)]
+    for t in leaves:
+        t.grad = None
+    if generic:
+        output, last = compiled.generic_scan(cell, p, xw, state, mask, compile=compile)
+    else:
+        output, last = layers.scan(cell, p, xw, state, mask)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(v.shape, generator=g, dtype=v.dtype) for v in (output, *last)]
+    loss = sum((v * w).sum() for v, w in zip((output, *last), weights))
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [output.detach(), *(s.detach() for s in last)], [gr for gr in grads if gr is not None]
+
+
+def assert_close_scaled(got, want, dtype):
+    for a, b in zip(got, want, strict=True):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
+
+
+def case(cell_class, dtype, hidden=5, batch=4, steps=7, seed=0, **kwargs):
+    """A one-layer cell with its parameters, input projections (T, B, G) and a random initial state."""
+    torch.manual_seed(seed)
+    layer = layers.Recurrent(cell_class, 6, hidden, dtype=dtype, **kwargs)
+    cell, p = layer.cells[0], layer.layer_params(0, 0)
+    x = torch.randn(steps, batch, 6, dtype=dtype)
+    xw = cell.project(p, x).detach().requires_grad_()  # (T, B, G)
+    state = cell.State(*(torch.randn(batch, hidden, dtype=dtype, requires_grad=True) for _ in cell.State._fields))
+    return cell, p, xw, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(CELLS) + ["rnn_relu"])
+def test_generic_path_equals_readable_loop_for_every_cell(name, dtype):
+    cell_class, kwargs = (CELLS["rnn"], {"nonlinearity": "relu"}) if name == "rnn_relu" else (CELLS[name], {})
+    for hidden, bias in ((5, True), (20, False)):
+        cell, p, xw, state = case(cell_class, dtype, hidden=hidden, bias=bias, **kwargs)
+        lengths = torch.tensor([7, 0, 3, 1])  # a zero length returns the initial state
+        for mask in (None, (torch.arange(7).unsqueeze(1) < lengths).unsqueeze(2)):
+            got = run_path(cell, p, xw, state, mask, generic=True)
+            want = run_path(cell, p, xw, state, mask, generic=False)
+            assert_close_scaled(got[0], want[0], dtype)
+            assert_close_scaled(got[1], want[1], dtype)
+
+
+def test_split_finds_the_recurrent_product_in_every_spelling():
+    """addmm(·, h, W.t()) (LSTM), F.linear(h, W, b) (GRU, peephole), F.linear(h, W) (LayerNorm-LSTM): W_hh
+    leaves the traced update, whose gradient is then one product after the loop; IndRNN's vector u stays in."""
+    for name, split in (("lstm", True), ("gru", True), ("peephole_lstm", True), ("layernorm_lstm", True),
+                        ("indrnn", False), ("mingru", False)):
+        cell, p, xw, state = case(CELLS[name], torch.float64)
+        graphs = compiled._graphs(cell, p, xw, state, None, compile=False)
+        assert graphs.split is split, name
+        assert ("weight_hh" in graphs.names) is (name == "indrnn"), name
+        assert "weight_ih" not in graphs.names  # used by project only, so not an input of the step
+
+
+class TwiceProduct(rnnmath.cells.Cell):
+    """A cell that uses h W_hhᵀ twice and W_hh once more alone: not splittable, W_hh stays in the update."""
+
+    def step(self, p, x, state):
+        hw = torch.nn.functional.linear(state.h, p["weight_hh"])
+        return rnnmath.cells.HiddenState(torch.tanh(x + hw + 0.1 * hw * p["weight_hh"].sum()))
+
+
+def test_unsplittable_cell_keeps_w_hh_in_the_update():
+    cell, p, xw, state = case(TwiceProduct, torch.float64)
+    assert not compiled._graphs(cell, p, xw, state, None, compile=False).split
+    got = run_path(cell, p, xw, state, None, generic=True)
+    want = run_path(cell, p, xw, state, None, generic=False)
+    assert_close_scaled(got[0], want[0], torch.float64)
+    assert_close_scaled(got[1], want[1], torch.float64)
+
+
+class ValueBranch(rnnmath.cells.Cell):
+    """Python control flow on a tensor's value: cannot be traced, so the readable loop must run."""
+
+    def step(self, p, x, state):
+        h = torch.nn.functional.linear(state.h, p["weight_hh"]) + x
+        return rnnmath.cells.HiddenState(torch.tanh(h) if h.sum() > 0 else torch.sigmoid(h))
+
+
+def test_untraceable_cell_falls_back_to_the_readable_loop():
+    cell, p, xw, state = case(ValueBranch, torch.float64)
+    assert compiled._graphs(cell, p, xw, state, None, compile=False) is None
+    got = run_path(cell, p, xw, state, None, generic=True)
+    want = run_path(cell, p, xw, state, None, generic=False)
+    assert_close_scaled(got[0], want[0], torch.float64)
+
+
+def test_double_backward_replays_the_readable_loop():
+    cell, p, xw, state = case(CELLS["layernorm_lstm"], torch.float64, steps=4)
+    inputs = [xw, *state]
+    out = {}
+    for generic in (True, False):
+        if generic:
+            output, last = compiled.generic_scan(cell, p, xw, state, None, compile=False)
+        else:
+            output, last = layers.scan(cell, p, xw, state, None)
+        grads = torch.autograd.grad(output.square().sum() + last.c.sum(), inputs, create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        out[generic] = torch.autograd.grad(penalty, [p["weight_hh"], p["gain_c"], xw])
+    assert_close_scaled(out[True], out[False], torch.float64)
+
+
+def test_compile_switch_and_unsupported_modes_use_other_paths(monkeypatch):
+    """Compilation off (RNNMATH_COMPILE=0, as in this suite), forward-mode AD, autocast: supported() says no."""
+    x = torch.randn(3, 2, 4)
+    monkeypatch.setattr(compiled, "enabled", False)
+    assert not compiled.supported(x)
+    monkeypatch.setattr(compiled, "enabled", True)
+    assert compiled.supported(x)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        assert not compiled.supported(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not compiled.supported(x)
+    assert not compiled.supported(x.to("meta"))  # only measured on the CPU
+
+
+# -- compiled (inductor): few and small, seconds each on 2 cores ------------------------------------------------
+def test_compiled_layer_equals_readable_layer(monkeypatch):
+    """A bidirectional LayerNorm-LSTM layer with lengths: the compiled step and the compiled projection
+    against the readable loop, values and gradients, float32; compiled on the second call of the layer
+    (min_calls = 3: each call runs the cell twice, once per direction)."""
+    monkeypatch.setattr(compiled, "enabled", True)
+    monkeypatch.setattr(compiled, "min_calls", 3)
+    torch.manual_seed(0)
+    dtype = torch.float32
+    layer = rnnmath.Recurrent(CELLS["layernorm_lstm"], 3, 4, bidirectional=True, dtype=dtype)
+    x = torch.randn(5, 2, 3, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([5, 2])
+    results = {}
+    layer(x, lengths=lengths)  # the first call: not yet compiled
+    assert "LayerNormLSTMCell project" not in compiled.COMPILE_SECONDS
+    step_key = "LayerNormLSTMCell B=2 H=4 float32 lengths"
+    assert step_key not in compiled.COMPILE_SECONDS
+    for fast in (True, False):
+        layer.fast = fast
+        layer.zero_grad(set_to_none=True)
+        output, (h_n, c_n) = layer(x, lengths=lengths)
+        loss = output.square().sum() + h_n.sum() + c_n.sum()
+        results[fast] = [output.detach(), h_n.detach(), c_n.detach(),
+                         *torch.autograd.grad(loss, [x, *layer.parameters()])]
+    assert_close_scaled(results[True], results[False], dtype)
+    assert step_key in compiled.COMPILE_SECONDS
+    assert "LayerNormLSTMCell project" in compiled.COMPILE_SECONDS
+    copy = __import__("copy").deepcopy(layer)  # the compiled code stays outside the layer: copies start afresh
+    copy.fast = True
+    torch.testing.assert_close(copy(x, lengths=lengths)[0], results[True][0])
+
+
+def test_a_new_cell_gets_the_compiled_path(monkeypatch):
+    """docs/cells.md's CIFG cell, written as its equations only, runs compiled and equals its readable loop
+    (float64, to 1e-12)."""
+    from test_docs import worked_example
+
+    monkeypatch.setattr(compiled, "enabled", True)
+    monkeypatch.setattr(compiled, "min_calls", 1)
+    monkeypatch.setattr(rnnmath, "CELLS", dict(rnnmath.CELLS))
+    namespace: dict = {}
+    exec(compile(worked_example(), "cells.md", "exec"), namespace)
+    cell_class = namespace["CIFGLSTMCell"]
+    cell, p, xw, state = case(cell_class, torch.float64, hidden=4, batch=3)
+    got = run_path(cell, p, xw, state, None, generic=True, compile=True)
+    want = run_path(cell, p, xw, state, None, generic=False)
+    assert_close_scaled(got[0], want[0], torch.float64)
+    assert_close_scaled(got[1], want[1], torch.float64)
+    assert compiled._graphs(cell, p, xw, state, None, compile=True).split
+    assert "CIFGLSTMCell B=3 H=4 float64" in compiled.COMPILE_SECONDS
+
+
+def test_bench_covers_every_cell_and_thread_count(monkeypatch):
+    """`rnnmath bench` times every cell (and the docs' new cell), training and inference, at each thread count,
+    and reports the worst ratio per cell against its torch.nn reference (a tiny grid; compilation off here)."""
+    import argparse
+
+    from rnnmath import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--hidden", "3", "--steps", "2", "--batch", "2", "--repeats", "1", "--threads", "1",
+                              "--no-memory", "--no-seed"])
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(compiled, "min_calls", compiled.min_calls)  # bench.run sets it to 1: restored after
+    try:
+        result = bench.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert {(r["cell"], r["mode"]) for r in result["rows"]} == {(c, m) for c in bench.CELLS for m in ("train", "infer")}
+    assert {w["cell"] for w in result["worst"]} == set(bench.CELLS)
+    lstm = next(r for r in result["rows"] if r["cell"] == "layernorm_lstm")
+    assert lstm["reference"] == "torch.nn.LSTM" and lstm["rnnmath ms"] > 0 and lstm["readable ms"] > 0
+    assert "| cifg_lstm (docs) |" in bench.report(result)
+
+
+def test_generic_path_for_lstm_with_proj_size():
+    """h = W_hr (o ⊙ tanh c): W_hh still splits off, W_hr stays in the update (float64, lengths, hx)."""
+    torch.manual_seed(0)
+    layer = rnnmath.LSTM(6, 5, proj_size=2, dtype=torch.float64)
+    cell, p = layer.cells[0], layer.layer_params(0, 0)
+    xw = cell.project(p, torch.randn(7, 4, 6, dtype=torch.float64)).detach().requires_grad_()
+    state = cell.State(torch.randn(4, 2, dtype=torch.float64, requires_grad=True),
+                       torch.randn(4, 5, dtype=torch.float64, requires_grad=True))
+    mask = (torch.arange(7).unsqueeze(1) < torch.tensor([7, 0, 3, 1])).unsqueeze(2)
+    graphs = compiled._graphs(cell, p, xw, state, mask, compile=False)
+    assert graphs.split and "weight_hr" in graphs.names
+    got = run_path(cell, p, xw, state, mask, generic=True)
+    want = run_path(cell, p, xw, state, mask, generic=False)
+    assert_close_scaled(got[0], want[0], torch.float64)
+    assert_close_scaled(got[1], want[1], torch.float64)
