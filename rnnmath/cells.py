@@ -76,8 +76,8 @@ class Cell(nn.Module):
     # True when fast_scan is plain differentiable torch operations, so that it may also run under
     # torch.compile and torch.func transforms; otherwise (an autograd.Function) the layer uses `step` there.
     fast_scan_composable: bool = False
-    # Under torch.autocast: True runs in the autocast dtype, False in the parameters' dtype, as torch.nn does
-    # inside a layer (RNN and LSTM lower, GRU not) and alone (RNNCell lower, LSTMCell and GRUCell not)
+    # Under torch.autocast (see autocast_dtype): True runs in the autocast dtype, False in its promotion with
+    # the state's dtype, as torch.nn does in a layer (RNN and LSTM lower, GRU not) and alone (RNNCell lower)
     autocast_lower_precision: bool = False
     autocast_lower_precision_alone: bool = False
     # True when the cell takes proj_size (a projected output, h smaller than c), as torch.nn.LSTM does
@@ -146,6 +146,25 @@ class Cell(nn.Module):
         """One time step: (this step's input projection x (B, G), previous state) -> new state."""
         raise NotImplementedError
 
+    def autocast_dtype(self, autocast_dtype: torch.dtype, input_dtype: torch.dtype, state_dtype: torch.dtype, *,
+                       in_layer: bool, packed: bool = False) -> torch.dtype:
+        """The one dtype this cell computes in under ``torch.autocast``: the one torch.nn's results have.
+
+        torch.nn's kernels run the matrix products in the autocast dtype A; where an update then mixes in the
+        previous state (GRU's ``(1 − z) ⊙ n + z ⊙ h``, LSTM's ``f ⊙ c``), type promotion gives the state's dtype
+        S (hx's, or the input's when hx is None) unless S is A: so by default promote(A, S) — float32 for a
+        float32 input, A for an input already in A. ``autocast_lower_precision`` (a layer, unpacked, input in
+        float32 or A: torch's ``rnn_tanh``/``lstm`` autocast kernels) and ``autocast_lower_precision_alone`` (the
+        cell called alone: ``rnn_tanh_cell``) run everything in A. A PackedSequence reaches torch.nn's
+        unlisted packed kernels, hence the promotion there.
+        """
+        if in_layer and self.autocast_lower_precision and not packed and input_dtype in (torch.float32,
+                                                                                         autocast_dtype):
+            return autocast_dtype
+        if not in_layer and self.autocast_lower_precision_alone:
+            return autocast_dtype
+        return torch.promote_types(autocast_dtype, state_dtype)
+
     # -- machinery ---------------------------------------------------------------------------------------
     def record(self, **tensors: Tensor) -> None:
         """Hand named intermediate values (gates) to a trace; does nothing unless tracing."""
@@ -169,9 +188,14 @@ class Cell(nn.Module):
         """
         name = type(self).__name__
         ids = not input.is_floating_point()
-        if input.dim() not in ((0, 1) if ids else (1, 2)):
-            raise ValueError(f"{name}: Expected input to be {'0D or 1D (token ids)' if ids else '1D or 2D'}, "
+        if input.dim() not in ((0, 1, 2) if ids else (1, 2)):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D (or 0D/1D token ids), "
                              f"got {input.dim()}D instead")
+        if ids and (input.dtype not in TOKEN_ID_DTYPES or input.dim() == 2):
+            # torch.nn's cells reach their matrix product with it: RuntimeError
+            raise RuntimeError(f"{name}: mat1 and mat2 must have the same dtype, but got {input.dtype} input "
+                               f"({input.dim()}D) and floating-point weights; a cell takes floating-point input "
+                               "(B, I) / (I,), or token ids (B,) / () of an integer dtype")
         batched = input.dim() == (1 if ids else 2)
         if not ids and input.shape[-1] != self.input_size:
             raise RuntimeError(f"{name}: input has inconsistent input_size: got {input.shape[-1]} "
@@ -189,10 +213,19 @@ class Cell(nn.Module):
         if hx is None:
             state = self.initial_state(B, like)
         else:
-            fields = (hx,) if isinstance(hx, Tensor) else tuple(hx)
-            if len(fields) != len(self.State._fields):
-                raise ValueError(f"{name}: hx must hold {len(self.State._fields)} tensor(s) "
-                                 f"{self.State._fields}, got {len(fields)}")
+            n = len(self.State._fields)
+            # torch.nn's exception types: a one-field cell reads hx.dim() (AttributeError for a tuple or list);
+            # lstm_cell takes a tuple of two tensors (TypeError for a tensor, RuntimeError for another count).
+            # The cell's own State (HiddenState(h), as step returns it) is accepted: rnnmath's extension
+            if n == 1 and not isinstance(hx, (Tensor, self.State)):
+                raise AttributeError(f"{name}: hx must be a tensor (B, {self.hidden_size}) or "
+                                     f"({self.hidden_size},), got a {type(hx).__name__}")
+            if n > 1 and isinstance(hx, Tensor):
+                raise TypeError(f"{name}: hx must be a tuple of {n} tensors {self.State._fields}, got a Tensor")
+            fields = tuple(hx) if isinstance(hx, self.State) or n > 1 else (hx,)
+            if len(fields) != n or not all(isinstance(f, Tensor) for f in fields):
+                raise RuntimeError(f"{name}: hx must hold {n} tensors {self.State._fields} "
+                                   f"({name} expects {n} hidden states), got {len(fields)} object(s)")
             checked = []
             for j, (field, f, size) in enumerate(zip(self.State._fields, fields, self.state_sizes())):
                 label = "hidden" if len(fields) == 1 else f"hx[{j}]"
@@ -210,13 +243,22 @@ class Cell(nn.Module):
                                        f"size {f.shape[0]}")
                 checked.append(f)
             state = self.State(*checked)
-        if autocast:  # the precision torch.nn's cell would use (autocast_lower_precision_alone)
-            dtype = torch.get_autocast_dtype(device_type) if self.autocast_lower_precision_alone else like.dtype
+        if autocast:  # the precision torch.nn's cell would give (autocast_dtype)
+            autocast_dtype = torch.get_autocast_dtype(device_type)
+            input_dtype = like.dtype if ids else input.dtype
+            state_dtype = input_dtype  # torch.nn's zero state has the input's dtype
+            if hx is not None:
+                state_dtype = state[0].dtype
+                for s in state[1:]:
+                    state_dtype = torch.promote_types(state_dtype, s.dtype)
+            dtype = self.autocast_dtype(autocast_dtype, input_dtype, state_dtype, in_layer=False)
             p = {n: t if t is None else t.to(dtype) for n, t in p.items()}
             input = input if ids else input.to(dtype)
             state = self.State(*(s.to(dtype) for s in state))
             with torch.autocast(device_type, enabled=False):
                 state = self.step(p, self.project(p, input), state)
+            if getattr(self, "proj_size", 0) and dtype != autocast_dtype:  # a projected h: a matrix product
+                state = state._replace(h=state.h.to(autocast_dtype))
         else:
             state = self.step(p, self.project(p, input), state)
         if not batched:
@@ -257,8 +299,12 @@ class RNNCell(Cell):
         """The time loop fused, with a hand-derived backward (rnnmath.fused); equal to the readable loop."""
         return fused.rnn_scan(p, xw, state, mask, self, xw_again)
 
+    def autocast_dtype(self, autocast_dtype, input_dtype, state_dtype, *, in_layer, packed=False):
+        """Always the autocast dtype: torch.nn's RNN step reads the state only through a matrix product."""
+        return autocast_dtype
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.nonlinearity == "tanh" else ", nonlinearity='relu'")
+        return super().extra_repr() + ("" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity}")
 
 
 class LSTMCell(Cell):
@@ -323,6 +369,12 @@ class LSTMCell(Cell):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", proj_size={self.proj_size}" if self.proj_size else "")
+
+    def autocast_dtype(self, autocast_dtype, input_dtype, state_dtype, *, in_layer, packed=False):
+        """With proj_size torch.nn.LSTM takes its promoting kernel: c promote(A, S), h (a projection) A."""
+        if self.proj_size:
+            return torch.promote_types(autocast_dtype, state_dtype)
+        return super().autocast_dtype(autocast_dtype, input_dtype, state_dtype, in_layer=in_layer, packed=packed)
 
     def fast_scan(self, p, xw, state, mask, xw_again=None):
         """The time loop fused, with a hand-derived backward (rnnmath.fused); equal to the readable loop."""

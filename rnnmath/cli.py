@@ -17,6 +17,7 @@ or the flag); 1 internal error (one line; the traceback with RNNMATH_DEBUG=1); 1
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import json
 import os
@@ -27,6 +28,7 @@ import traceback
 from pathlib import Path
 
 from . import data as datamod
+from .common import readable
 from .config import PRESETS, Config
 from .data import Examples, read_examples
 from .errors import Interrupted, UserError
@@ -113,6 +115,10 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", default="label",
                        help="name of the label column or key, or its 1-based number in a TSV/CSV file without a "
                             "header (default: label)")
+    group.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                       help="with column numbers: --header skips line 1 (the file has a header), --no-header reads "
+                            "it as data; without either, a line 1 that looks like a header is an error, never a "
+                            "class (default: neither)")
     group.add_argument("--encoding", default="utf-8",
                        help="text encoding of the files, any Python codec name; auto: UTF-8, else Windows-1252, "
                             "said on standard error (default: utf-8)")
@@ -122,8 +128,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def read_data(args: argparse.Namespace, path: str) -> Examples:
-    examples = read_examples(path, args.format, args.text_column, args.label_column, args.on_bad_line,
-                             args.encoding)
+    examples = read_examples(path, **reader_options(args))
     for note in examples.notes:
         print(f"rnnmath: {note}", file=sys.stderr)
     if examples.skipped:
@@ -148,8 +153,8 @@ def add_train_parser(subparsers) -> None:
                         "language models (imply --task lm; docs/language_models.md) (default: default)")
     p.add_argument("--task", choices=["classify", "lm"], default=None,
                    help="a sentence classifier, or a language model of the text (default: classify)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (an error where "
-                   "--out holds no run)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out with its own "
+                   "settings (an error where --out holds no run; a finished run cannot be extended)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its model files only); "
                    "without it, an --out that holds a run is an error")
     p.add_argument("--json", action="store_true", help="print the history and test metrics as one JSON object")
@@ -248,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def reader_options(args: argparse.Namespace) -> dict:
     """``read_examples``'s keyword arguments from the data flags (saved in the split record)."""
     return {"format": args.format, "text_column": args.text_column, "label_column": args.label_column,
-            "on_bad_line": args.on_bad_line, "encoding": args.encoding}
+            "on_bad_line": args.on_bad_line, "encoding": args.encoding, "header": args.header}
 
 
 def set_threads(args: argparse.Namespace) -> int:
@@ -292,7 +297,9 @@ def train_command(args: argparse.Namespace) -> int:
         for name, value in given.items():
             if getattr(saved, name) != getattr(config, name):
                 raise UserError(f"--{name.replace('_', '-')} {value} differs from the run being resumed in {out} "
-                                f"({getattr(saved, name)}); leave it out with --resume")
+                                f"({getattr(saved, name)}); leave it out with --resume, which only finishes an "
+                                "interrupted run with its own settings (a finished run cannot be extended: train "
+                                "again with --overwrite or another --out)")
         config = saved
     if args.resume and not (out / CHECKPOINT).exists():
         if not (out / CONFIG).exists():
@@ -317,23 +324,34 @@ def train_command(args: argparse.Namespace) -> int:
         test = examples.subset(parts.pop(0))
         held.append(f"test {len(test)}")
     quiet = args.quiet or args.json
-    if held and not quiet:
-        print(f"rnnmath: split {args.data} (stratified, seed {config.seed}): train {len(train_set)}, "
-              f"{', '.join(held)} sentences" + ("; no --test file was given, so 10% of --data is the test set"
-                                                if args.val and not args.test else ""), file=sys.stderr)
+    # said once training starts: a mistake train() finds first (--resume on other data) is said alone
+    pending = []
+    if held:
+        missing = ("; no --test file was given, so 10% of --data is the test set" if args.val and not args.test
+                   else "; no --val file was given, so 10% of --data is the validation set" if args.test
+                   and not args.val else "")
+        pending.append(f"rnnmath: split {args.data} (stratified, seed {config.seed}): train {len(train_set)}, "
+                       f"{', '.join(held)} sentences{missing}")
     empty = sum(1 for t in train_set.texts if not datamod.tokenize(t))
-    if empty and not quiet:
-        print(f"rnnmath: {empty} of {len(train_set)} training sentences have no token at all (see README "
-              "'Tokenizer'); they are read as empty sentences", file=sys.stderr)
+    if empty:
+        pending.append(f"rnnmath: {empty} of {len(train_set)} training sentences have no token at all (see README "
+                       "'Tokenizer'); they are read as empty sentences")
+    pending.append(f"training on {threads} thread(s)")
 
-    log = None if quiet else (lambda line: print(line, file=sys.stderr))
+    def say_pending() -> None:
+        while pending and not quiet:
+            print(pending.pop(0), file=sys.stderr)
+
+    def log(line: str) -> None:
+        say_pending()
+        print(line, file=sys.stderr)
+
+    log = None if quiet else log
     progress = not quiet and sys.stderr.isatty()
-    if log:
-        log(f"training on {threads} thread(s)")
     split = {"train": train_set, "val": val, "test": test}
     history = train(config, train_set, val, out, resume=args.resume, progress=progress, log=log,
                     overwrite=args.overwrite, on_start=lambda out: write_split_record(out, split, reader_options(args)),
-                    device=args.device)
+                    on_ready=say_pending, device=args.device)
     if not distributed.is_main():  # rank 0 evaluates the test set, writes and prints
         return 0
     result = {"model": str(out), "train": len(train_set), "val": len(val), **history,
@@ -358,7 +376,7 @@ def train_command(args: argparse.Namespace) -> int:
         if len(test):
             print(f"test accuracy {result['test']['accuracy']:.4f} (n={len(test)}), "
                   f"macro F1 {result['test']['macro_f1']:.4f}")
-        print(f"model written to {out}")
+        print(f"model written to {readable(out)}")
     return 0
 
 
@@ -432,7 +450,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         set_threads(args)
         return language_model.run_evaluate(args)
     from .common import classification_metrics
-    from .model import held_out, load_model, read_split_record, training_overlap
+    from .model import held_out, load_model, read_split_record, repeated_sentences, training_overlap
     from .train import label_indices
 
     if (args.data is None) == (args.split is None):
@@ -453,10 +471,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if record is not None:
         overlap = training_overlap(record, examples.texts)
         metrics["train_overlap"] = overlap
-        if overlap and args.split != "train":
+        if overlap and args.split is None:
             print(f"rnnmath: warning: {overlap} of {len(examples)} evaluated sentences ({overlap / len(examples):.1%}) "
                   f"were also in the training data of {args.model}, so these figures overstate accuracy on new "
                   f"text; 'rnnmath evaluate {args.model} --split test' evaluates the held-out part", file=sys.stderr)
+        elif overlap and args.split != "train":  # the split kept lines apart: the file repeats sentences
+            source, repeated = repeated_sentences(record, args.split)
+            share = f"{overlap / len(examples):.1%}"
+            print(f"rnnmath: warning: {overlap} of {len(examples)} {args.split} sentences ({share}) have the same "
+                  f"words as a training sentence, because {source} repeats sentences ({repeated} line(s) repeat an "
+                  "earlier one) and the split kept lines, not sentences, apart; these figures overstate accuracy "
+                  "on new text; remove the repeated lines from the file and train again to avoid it",
+                  file=sys.stderr)
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
         return 0
@@ -671,10 +697,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report = plots.write_reading_report(flow.read_sentence(trained, DEMO_SENTENCES[0]), report_dir,
                                             {"directory": out if args.out else "(temporary)",
                                              "cell": config.cell, "test_accuracy": rnn_acc})
-        print(f"\nhow the RNN read {DEMO_SENTENCES[0]!r}, word by word: {report}")
+        print(f"\nhow the RNN read {DEMO_SENTENCES[0]!r}, word by word: {readable(report)}")
 
         print(f"\ndemo finished in {time.perf_counter() - start:.0f} s"
-              + (f"; model kept in {out}" if args.out else ""))
+              + (f"; model kept in {readable(out)}" if args.out else ""))
     if rnn_acc <= bow_acc:
         print("rnnmath: warning: the RNN did not beat the bag-of-words model on this run", file=sys.stderr)
     return 0
@@ -792,9 +818,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = plots.write_reading_report(reading, args.out, {"directory": directory, "cell": trained.config.cell,
                                                           "test_accuracy": accuracy})
     if args.json:
-        print(json.dumps({**reading.to_json(), "report": str(path)}, ensure_ascii=False))
+        print(json.dumps({**reading.to_json(), "report": readable(path)}, ensure_ascii=False))
     else:
-        print(path)
+        print(readable(path))
     return 0
 
 
@@ -844,7 +870,7 @@ def cmd_flow(args: argparse.Namespace) -> int:
     print(f"{'cell':<8} {'weights':<10} {'|dL/dh_1| / |dL/dh_T|':>22} {'test MSE':>9}")
     for r in results:
         print(f"{r.cell:<8} {'trained' if r.trained else 'untrained':<10} {r.ratio:>22.3g} {r.mse:>9.4f}")
-    print(path)
+    print(readable(path))
     return 0
 
 
@@ -972,10 +998,25 @@ def main(argv: list[str] | None = None) -> int:
         _COMMAND = None
 
 
+READABLE_ERRORS = "rnnmath-readable"
+
+
+def _readable_errors(error: UnicodeError) -> tuple[str, int]:
+    """Codec error handler of standard output and error: a byte of a path that is not UTF-8 (kept by Python
+    as a lone surrogate U+DC80-U+DCFF) prints as ``\\xe9``, as ``common.readable`` shows it; any other
+    character the stream cannot encode as ``\\uXXXX`` (backslashreplace)."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    bad = error.object[error.start:error.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else
+                   c.encode("ascii", "backslashreplace").decode("ascii") for c in bad), error.end
+
+
 def _main(argv: list[str]) -> int:
+    codecs.register_error(READABLE_ERRORS, _readable_errors)
     for stream in (sys.stdout, sys.stderr):  # a path or text with non-UTF-8 bytes prints escaped, never crashes
         if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors=READABLE_ERRORS)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # a usage error exits with 2
     if extra and isinstance(getattr(args, "texts", None), list) and not any(e.startswith("-") for e in extra):
@@ -988,7 +1029,7 @@ def _main(argv: list[str]) -> int:
     except UserError as e:
         distributed = _workers()
         if not distributed.record_failure(f"{e}"):  # under --workers the launcher prints it, once
-            print(f"rnnmath: error: {distributed.who()}{e}", file=sys.stderr)
+            print(f"rnnmath: error: {distributed.who()}{readable(str(e))}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"rnnmath: {e}", file=sys.stderr)
@@ -999,23 +1040,34 @@ def _main(argv: list[str]) -> int:
     except BrokenPipeError:  # e.g. `rnnmath predict ... | head`
         sys.stderr.close()
         return 0
+    except OSError as e:
+        if e.filename is None:
+            return _internal_error(e)
+        # a path the user gave (or one made from it) cannot be read, written or made: theirs to fix
+        print(f"rnnmath: error: {readable(e.filename)}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except Exception as e:
-        distributed = _workers()
-        if isinstance(e, distributed.WorkerFailed):
-            print(f"rnnmath: error: {e}", file=sys.stderr)
-            return e.exit_code
-        if os.environ.get("RNNMATH_DEBUG") == "1":
-            traceback.print_exc()
-        message = " ".join(str(e).split()) or "(no message)"
-        if distributed.lost_peer(e):  # another worker died first: its error is the one to read
-            if distributed.LAUNCHED_BY_WORKERS not in os.environ:  # --workers reports it in one line
-                print(f"rnnmath: error: {distributed.who()}stopped: another worker of the run is gone",
-                      file=sys.stderr)
-            return 1
-        if not distributed.record_failure(f"internal error: {type(e).__name__}: {message}"):
-            print(f"rnnmath: internal error: {type(e).__name__}: {message} (set RNNMATH_DEBUG=1 for the "
-                  "traceback)", file=sys.stderr)
+        return _internal_error(e)
+
+
+def _internal_error(e: Exception) -> int:
+    """Print one line for an error that is rnnmath's own, not the user's; the traceback with RNNMATH_DEBUG=1."""
+    distributed = _workers()
+    if isinstance(e, distributed.WorkerFailed):
+        print(f"rnnmath: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if os.environ.get("RNNMATH_DEBUG") == "1":
+        traceback.print_exc()
+    message = " ".join(readable(str(e)).split()) or "(no message)"
+    if distributed.lost_peer(e):  # another worker died first: its error is the one to read
+        if distributed.LAUNCHED_BY_WORKERS not in os.environ:  # --workers reports it in one line
+            print(f"rnnmath: error: {distributed.who()}stopped: another worker of the run is gone",
+                  file=sys.stderr)
         return 1
+    if not distributed.record_failure(f"internal error: {type(e).__name__}: {message}"):
+        print(f"rnnmath: internal error: {type(e).__name__}: {message} (set RNNMATH_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,30 @@ from .errors import UserError
 
 
 # -- files -------------------------------------------------------------------------------------------------
+def readable(text: str | bytes | os.PathLike) -> str:
+    """A path or text as a person can read it: bytes that are not UTF-8 (which Python keeps in a ``str`` as
+    lone surrogates U+DC80-U+DCFF, see PEP 383) are shown as ``\\xe9``, the rest as it is.
+    ``readable("caf\\udce9.tsv") == "caf\\\\xe9.tsv"``."""
+    text = os.fsdecode(text)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte stands for (U+D800-U+DC7F, U+DD00-U+DFFF)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_bytes(document, **options) -> bytes:
+    """``json.dumps(document, ensure_ascii=False, **options)`` as UTF-8 bytes, plus a newline. A string holding
+    non-UTF-8 bytes of a path (lone surrogates, see ``readable``) cannot be UTF-8: then the document is
+    written with ASCII escapes (``"\\udce9"``), which ``json.loads`` reads back to the same string, so
+    ``os.fsencode`` gives the path's original bytes."""
+    import json
+
+    try:
+        return (json.dumps(document, ensure_ascii=False, **options) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(document, ensure_ascii=True, **options) + "\n").encode("ascii")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash at any moment leaves either the old file or the new one:
     a temporary file in the same directory, fsync, os.replace, then fsync of the directory.
@@ -25,7 +49,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:  # a read-only or misnamed --out, a full disk: the user's to fix, so not a traceback
-        raise UserError(f"{path}: cannot be written ({e.strerror or e})") from None
+        raise UserError(f"{readable(path)}: cannot be written ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
@@ -36,7 +60,8 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise UserError(f"{path}: cannot be written ({e.strerror or e}); the previous file is kept") from None
+            raise UserError(f"{readable(path)}: cannot be written ({e.strerror or e}); the previous file is "
+                            "kept") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

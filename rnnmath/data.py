@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import atomic_write  # noqa: F401  (re-exported: it lived here first)
+from .common import atomic_write, readable  # noqa: F401  (atomic_write re-exported: it lived here first)
 from .errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that the CLI starts fast
@@ -149,6 +149,7 @@ def read_examples(
     label_column: str | int = "label",
     on_bad_line: str = "error",
     encoding: str = "utf-8",
+    header: bool | None = None,
 ) -> Examples:
     """Read labelled texts from a file.
 
@@ -167,6 +168,13 @@ def read_examples(
     Columns: ``text_column``/``label_column`` name header columns (tsv, csv) or keys (jsonl); numbers (``2``,
     or the string ``"2"``) are 1-based column positions of a file WITHOUT a header (tsv, csv), where then
     every line is data. Both must be names or both numbers.
+
+    Header (tsv, csv with column numbers; label-first): ``header=None`` stops with a UserError when line 1
+    looks like a header (its label occurs on no other line while the other lines' labels repeat, as a
+    header's "label" does), so that a header is never trained on as a class; ``True`` skips line 1, ``False``
+    reads it as data. ``True`` with column names requires them in line 1 (tsv); ``False`` needs column numbers
+    (or label-first). Label-first lines that mostly hold a TAB (a TSV file) are a UserError suggesting
+    ``--format tsv``.
 
     Encoding: any codec name Python knows (``utf-8`` by default, a BOM allowed); ``auto`` reads UTF-8 and, if
     the bytes are not valid UTF-8, Windows-1252, adding a sentence saying so to ``Examples.notes``.
@@ -191,6 +199,8 @@ def read_examples(
         raise UserError("--text-column and --label-column must both be column names (a file with a header) or "
                         f"both be 1-based column numbers (a file without one), got {text_column!r} and "
                         f"{label_column!r}")
+    if header is False and i_text is None and format != "label-first":
+        raise UserError("--no-header needs column numbers: give --text-column N and --label-column N (1-based)")
     if i_text is not None:
         if format not in ("tsv", "csv"):
             raise UserError(f"--text-column/--label-column numbers apply to tsv and csv files, not --format {format}")
@@ -210,12 +220,23 @@ def read_examples(
     elif format == "fasttext":
         reader.read_fasttext(records)
     else:
-        reader.read_tsv(records, text_column, label_column, i_text, i_label)
+        reader.read_tsv(records, text_column, label_column, i_text, i_label, header is True)
     examples = reader.examples
-    if i_text is not None and len(examples) > 2 and examples.labels.count(examples.labels[0]) == 1:
-        examples.notes.append(f"{name} line {examples.lines[0]}: its label {examples.labels[0]!r} occurs on no "
-                              "other line, so it may be a header; with column numbers every line is data (name "
-                              "the columns instead if the file has a header)")
+    first = next((n for n, line in records if line.strip()), None)
+    numbered = i_text is not None or format == "label-first"  # formats whose line 1 could be a header
+    if numbered and header is True:  # skip line 1, the header
+        keep = [i for i, n in enumerate(examples.lines) if n != first]
+        notes, skipped = examples.notes, [n for n in examples.skipped if n != first]
+        reader.examples = examples = examples.subset(keep)
+        examples.notes, examples.skipped = notes, skipped
+    elif numbered and header is None and len(examples) > 2 and examples.lines[0] == first \
+            and examples.labels.count(examples.labels[0]) == 1 \
+            and len(set(examples.labels[1:])) < len(examples) - 1:  # the other labels repeat: a label set
+        names = (f"name the columns instead (--text-column {examples.texts[0]} --label-column "
+                 f"{examples.labels[0]}), or " if i_text is not None else "")
+        raise UserError(f"{readable(name)} line {first}: looks like a header (its label {examples.labels[0]!r} "
+                        f"occurs on no other line), but --format {format} reads every line as data; {names}"
+                        "pass --header to skip line 1 (--no-header to read it as data)")
     if not reader.examples.texts:
         if reader.examples.skipped:
             raise UserError(f"{name}: all {len(reader.examples.skipped)} records are bad; none left to use")
@@ -294,6 +315,23 @@ def check_labels(examples: Examples, max_labels: int | None = None) -> None:
     )
 
 
+def _layout_hint(records: list[tuple[int, str]]) -> str:
+    """A hint for lines without TABs read as TSV: the --format their layout suggests, or ''. Most lines start
+    with ``__label__``: fasttext; their first words take few values (at most MAX_LABELS, each on several
+    lines on average): label-first."""
+    plain = [line.split(None, 1) for _, line in records if "\t" not in line and line.strip()]
+    if not plain or len(plain) * 2 < len(records):
+        return ""
+    firsts = [words[0] for words in plain]
+    if sum(w.startswith(FASTTEXT_PREFIX) for w in firsts) * 2 > len(firsts):
+        return f"; its lines start with {FASTTEXT_PREFIX}: --format fasttext"
+    distinct = len(set(firsts))
+    if len(firsts) >= 4 and distinct <= MAX_LABELS and distinct * 2 <= len(firsts):
+        return (f"; the first words of its lines take only {distinct} value(s), as labels do: --format "
+                "label-first ('<label> <text>')")
+    return ""
+
+
 class _Lines:
     """The lines of a file for csv.reader, with a position that can be moved back (``pos``: lines read)."""
 
@@ -345,7 +383,8 @@ class _Reader:
             )
         return header.index(text_column), header.index(label_column)
 
-    def read_tsv(self, records, text_column, label_column, i_text: int | None, i_label: int | None) -> None:
+    def read_tsv(self, records, text_column, label_column, i_text: int | None, i_label: int | None,
+                 header: bool = False) -> None:
         records = [(n, line) for n, line in records if line.strip()]
         if not records:
             return
@@ -362,7 +401,7 @@ class _Reader:
                     self.add(n, fields[i_text], fields[i_label])
             return
         first = [f.strip() for f in records[0][1].split("\t")]
-        if (text_column in first) != (label_column in first):  # a header that lacks one of the two columns
+        if header or (text_column in first) != (label_column in first):  # a header that lacks a column
             self.columns(first, text_column, label_column, "TSV header")
         if text_column in first and label_column in first:
             i_text, i_label = first.index(text_column), first.index(label_column)
@@ -371,7 +410,8 @@ class _Reader:
             self.examples.label_field = f"column {label_column!r}"
         else:
             i_text, i_label, width = 0, 1, 2
-            expected = "'sentence<TAB>label' (2 tab-separated fields; other layouts: --text-column/--label-column)"
+            expected = ("'sentence<TAB>label' (2 tab-separated fields; other layouts: --text-column/--label-column"
+                        f"{_layout_hint(records)})")
             self.examples.label_field = "column 2 (a file without a header is read as sentence<TAB>label)"
         for n, line in records:
             fields = line.split("\t")
@@ -443,6 +483,13 @@ class _Reader:
 
     def read_label_first(self, records) -> None:
         self.examples.label_field = "(the first word of each line)"
+        lines = [n for n, line in records if line.strip()]
+        tabbed = [n for n, line in records if "\t" in line.strip()]
+        if tabbed and len(tabbed) * 2 > len(lines):  # TSV read as '<label> <text>': labels would be words
+            raise UserError(f"{readable(self.name)}: {len(tabbed)} of {len(lines)} lines hold a TAB (line "
+                            f"{tabbed[0]} first), so this looks like a tab-separated file, not --format "
+                            "label-first ('<label> <text>' separated by a space); use --format tsv (with "
+                            "--text-column/--label-column to choose its columns)")
         for n, line in records:
             if not line.strip():
                 continue

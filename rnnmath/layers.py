@@ -162,8 +162,11 @@ class Recurrent(nn.Module):
         super().__init__()
         _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size)
         if proj_size and not getattr(cell, "supports_proj_size", False):
-            raise ValueError(f"proj_size argument is only supported for LSTM, not {cell.__name__} "
-                             "(a cell with supports_proj_size = True)")
+            # torch.nn's message for RNN and GRU; for another cell, which cells take it
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU"
+                             if cell in (RNNCell, GRUCell) else
+                             f"proj_size argument is only supported for LSTM cells (supports_proj_size = True), "
+                             f"not {cell.__name__}")
         for flag, value in (("recurrent_dropout", recurrent_dropout), ("zoneout", zoneout)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
                 raise ValueError(f"{flag} must be a number in [0, 1), got {value!r}")
@@ -273,8 +276,8 @@ class Recurrent(nn.Module):
                                f"Expected {self.input_size}, got {x.shape[-1]}")
         T, B = x.shape[0], x.shape[1]
         weight = next(self.parameters())
-        compute_dtype = self._compute_dtype(x, weight)
-        if not ids and compute_dtype == weight.dtype and x.dtype != weight.dtype:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not ids and not autocast and x.dtype != weight.dtype:  # torch.nn skips this check under autocast
             raise ValueError(f"{name}: input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
                              f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
         mask = None
@@ -285,14 +288,22 @@ class Recurrent(nn.Module):
             # padding id outside the vocabulary (-1, -100) would be refused
             x = x.masked_fill(~mask, 0.0) if not ids else x.masked_fill(~mask.squeeze(2), 0)
         states = self._initial_states(hx, B, x)
-        if torch.is_autocast_enabled(x.device.type):
-            # the layer runs in one precision it chooses (_compute_dtype), as torch.nn's layers do
+        if autocast:
+            # the layer runs in one precision, the one torch.nn's layer of this kind gives (Cell.autocast_dtype)
+            autocast_dtype = torch.get_autocast_dtype(x.device.type)
+            state_dtype = _state_dtype(hx, weight.dtype if ids else x.dtype)
+            compute_dtype = self._cells[0].autocast_dtype(autocast_dtype, weight.dtype if ids else x.dtype,
+                                                          state_dtype, in_layer=True, packed=packed)
             x = x if ids else x.to(compute_dtype)
             states = [type(s)(*(v.to(compute_dtype) for v in s)) for s in states]
             with torch.autocast(x.device.type, enabled=False):
                 output, h_n = self._run(x, states, lengths, mask, compute_dtype)
+            if getattr(self._cells[0], "proj_size", 0) and compute_dtype != autocast_dtype:
+                # torch.nn.LSTM's projection is a matrix product: h in the autocast dtype, c in compute_dtype
+                output = output.to(autocast_dtype)
+                h_n = (h_n[0].to(autocast_dtype), *h_n[1:])
         else:
-            output, h_n = self._run(x, states, lengths, mask, compute_dtype)
+            output, h_n = self._run(x, states, lengths, mask, weight.dtype)
         if self._trace is not None:
             self._trace.finish(lengths, T, B, x.device)
 
@@ -306,19 +317,6 @@ class Recurrent(nn.Module):
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, h_n
-
-    def _compute_dtype(self, x: Tensor, weight: Tensor) -> torch.dtype:
-        """The precision of this call: the parameters', or under autocast what torch.nn's layer would use.
-
-        torch's CPU and CUDA autocast run ``rnn_tanh``/``rnn_relu``/``lstm`` (torch.nn.RNN and LSTM) in the
-        lower precision and leave ``gru`` (torch.nn.GRU) in the parameters' precision; a cell says which it
-        follows with ``autocast_lower_precision``. Parameters, input and hx are cast to it (differentiably).
-        """
-        device_type = x.device.type
-        if (self._cells[0].autocast_lower_precision and weight.is_floating_point()
-                and torch.is_autocast_enabled(device_type)):
-            return torch.get_autocast_dtype(device_type)
-        return weight.dtype
 
     def _run(self, x: Tensor, states: list, lengths: Tensor | None, mask: Tensor | None, dtype: torch.dtype):
         """All layers and directions over x (T, B, ·); returns output (T, B, D·H) and h_n."""
@@ -414,6 +412,11 @@ class Recurrent(nn.Module):
         if hx is None:
             zero = cell.initial_state(batch_size, like)
             return [zero] * n
+        if len(cell.State._fields) == 1 and not isinstance(hx, (Tensor, cell.State)):
+            # torch.nn.RNN/GRU read hx.dim(): AttributeError for a tuple or list, which is what they raise
+            # (the cell's own State, a NamedTuple, is accepted: rnnmath's extension)
+            raise AttributeError(f"{name}: hx must be a tensor (num_layers * num_directions, batch, "
+                                 f"{cell.state_sizes()[0]}), got a {type(hx).__name__}")
         fields = (hx,) if isinstance(hx, Tensor) else tuple(hx)
         if len(fields) != len(cell.State._fields) or not all(isinstance(f, Tensor) for f in fields):
             raise ValueError(
@@ -434,6 +437,8 @@ class Recurrent(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:  # torch.nn's order
+            s += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         if not self.bias:
@@ -444,8 +449,6 @@ class Recurrent(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
-        if self.proj_size:
-            s += f", proj_size={self.proj_size}"
         if self.recurrent_dropout:
             s += f", recurrent_dropout={self.recurrent_dropout}"
         if self.zoneout:
@@ -547,6 +550,8 @@ def _unsqueeze_state(hx, name: str):
     """hx of an unbatched call: (L·D, H) per field -> (L·D, 1, H); a batched hx there is an error, as in torch."""
     if hx is None:
         return None
+    if not isinstance(hx, (Tensor, tuple, list)):
+        return hx  # _initial_states says what is wrong with it
     for f in (hx,) if isinstance(hx, Tensor) else hx:
         if isinstance(f, Tensor) and f.dim() != 2:
             raise RuntimeError(f"{name}: for unbatched 2-D input, hx should also be 2-D but got {f.dim()}-D tensor")
@@ -575,6 +580,16 @@ def _check_arguments(input_size, hidden_size, num_layers, bias, batch_first, dro
         raise ValueError("proj_size should be a positive integer or zero to disable projections")
     if proj_size >= hidden_size:
         raise ValueError(f"proj_size has to be smaller than hidden_size, got {proj_size} >= {hidden_size}")
+
+
+def _state_dtype(hx, default: torch.dtype) -> torch.dtype:
+    """The dtype torch.nn's state has: hx's (its fields promoted), or the input's when hx is None."""
+    if hx is None:
+        return default
+    dtype = None
+    for f in (hx,) if isinstance(hx, Tensor) else hx:
+        dtype = f.dtype if dtype is None else torch.promote_types(dtype, f.dtype)
+    return default if dtype is None else dtype
 
 
 def _map_state(state, fn):

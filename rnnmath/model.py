@@ -54,12 +54,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from . import Recurrent
 from .cells import CELLS
+from .common import json_bytes, readable
 from .config import ACTIVATION_NAMES, POOLINGS, PRESETS, Config  # noqa: F401  (re-exported)
 from .data import Examples, Vocabulary, atomic_write, encode, read_examples, sentence_key
 from .errors import UserError
@@ -236,7 +238,7 @@ class TrainedModel:
 def write_json(path: Path, kind: str, **content: Any) -> None:
     """Write ``{"format": "rnnmath-<kind>", "format_version": 1, ...content}`` atomically, deterministically."""
     document = {"format": f"rnnmath-{kind}", "format_version": FORMAT_VERSION, **content}
-    atomic_write(path, (json.dumps(document, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    atomic_write(path, json_bytes(document, indent=1, sort_keys=True))
 
 
 def read_json(path: Path, kind: str) -> dict:
@@ -331,12 +333,16 @@ def read_safetensors(path: Path, kind: str) -> tuple[dict[str, Tensor], dict]:
     file if it is missing, damaged or of another format."""
     if not path.is_file():
         raise UserError(f"{path} is missing; expected a model directory written by 'rnnmath train'")
+    try:  # read here, not by safetensors' safe_open, whose Rust side takes only UTF-8 paths
+        blob = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{readable(path)}: cannot be read ({e.strerror})") from None
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e}); it may be truncated or damaged") from None
+        metadata = safetensors_metadata(blob)
+        tensors = load_safetensors(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise UserError(f"{readable(path)}: not a readable safetensors file ({e}); it may be truncated or "
+                        "damaged") from None
     try:
         document = json.loads(metadata.get("rnnmath", ""))
     except json.JSONDecodeError:
@@ -351,6 +357,23 @@ def read_safetensors(path: Path, kind: str) -> tuple[dict[str, Tensor], dict]:
     if "sha256" in document and document["sha256"] != tensors_sha256(tensors):
         raise UserError(f"{path}: the tensors do not match the checksum stored with them; the file is damaged")
     return tensors, document
+
+
+def safetensors_metadata(blob: bytes) -> dict:
+    """The ``__metadata__`` map of a safetensors file's bytes: the format starts with the header's length
+    (8 bytes, little-endian unsigned) and the header, a JSON object (https://github.com/huggingface/safetensors,
+    "Format"). ValueError if the bytes do not start that way."""
+    if len(blob) < 8:
+        raise ValueError("shorter than the 8-byte header length")
+    size = int.from_bytes(blob[:8], "little")
+    if size > len(blob) - 8:
+        raise ValueError(f"header length {size} beyond the end of the file")
+    try:
+        header = json.loads(blob[8:8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"header is not JSON: {e}") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def tensors_sha256(tensors: dict[str, Tensor]) -> str:
@@ -446,8 +469,7 @@ def write_split_record(directory: Path, parts: dict[str, Examples], reader: dict
                 "reader": reader, "train_keys": keys,
                 "fingerprint": hashlib.sha256(json.dumps([train.texts, train.labels]).encode()).hexdigest()}
     # compact, unlike the other JSON files: its lists grow with the data (about 25 bytes a training sentence)
-    atomic_write(directory / SPLIT, (json.dumps(document, sort_keys=True, ensure_ascii=False,
-                                                separators=(",", ":")) + "\n").encode())
+    atomic_write(directory / SPLIT, json_bytes(document, sort_keys=True, separators=(",", ":")))
 
 
 def read_split_record(directory: str | Path) -> dict | None:
@@ -469,6 +491,16 @@ def training_overlap(record: dict, texts: Sequence[str]) -> int:
     """How many of ``texts`` have the key of a training sentence (same tokens; see ``data.sentence_key``)."""
     keys = set(record["train_keys"])
     return sum(1 for text in texts if sentence_key(text) in keys)
+
+
+def repeated_sentences(record: dict, part: str) -> tuple[str, int]:
+    """The file that ``part`` of a run came from, and how many of its sentences repeat an earlier one of it
+    (same key, see ``data.sentence_key``): the copies that a split can put on both sides of it."""
+    file = record["files"].get(record["parts"][part]["file"], {})
+    path = file.get("path", "")
+    examples = read_examples(path, **record["reader"])
+    keys = [k for k in map(sentence_key, examples.texts) if k is not None]
+    return path, len(keys) - len(set(keys))
 
 
 def held_out(directory: str | Path, part: str = "test") -> Examples:

@@ -10,13 +10,16 @@ Shape letters: T time, H hidden units, C classes.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.text
 
 matplotlib.use("Agg")  # before anything imports pyplot: files only, never a window
 
@@ -24,7 +27,9 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from .common import readable  # noqa: E402
 from .data import atomic_write  # noqa: E402
+from .errors import UserError  # noqa: E402
 
 MAX_UNITS = 32  # more rows than this in a heatmap are no longer readable: show the units that vary most
 SIGMOID_GATES = ("i", "f", "o", "r", "z")  # gates in [0, 1]; others (g, n, h, c) are shown symmetric about 0
@@ -206,9 +211,35 @@ def vanishing_figure(curves: dict[str, Tensor], title: str) -> Figure:
 
 
 # -- files and the report ------------------------------------------------------------------------------------
+# Fonts tried after DejaVu Sans (matplotlib's own, which covers Latin, Greek, Cyrillic, Hebrew and some
+# Arabic) for the words of a sentence: matplotlib >= 3.6 falls back from one family to the next glyph by glyph.
+# Those installed are used; where none covers a script, its words show as boxes in the PNGs (the HTML page
+# writes the sentence as text, which the browser shows with its own fonts).
+FALLBACK_FONTS = ("Noto Sans", "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK KR", "Noto Sans Arabic",
+                  "Noto Sans Devanagari", "Noto Sans Thai", "Noto Sans Hebrew", "WenQuanYi Zen Hei",
+                  "Droid Sans Fallback", "Source Han Sans", "Arial Unicode MS")
+
+
+@functools.cache
+def font_families() -> list[str]:
+    """DejaVu Sans, then the installed ones of ``FALLBACK_FONTS``."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed)]
+
+
 def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes, its text in ``font_families()``; a glyph no installed font has is drawn as a
+    box without matplotlib's warning for each one (a sentence in another script would flood standard
+    error)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    with warnings.catch_warnings(), matplotlib.rc_context({"font.family": font_families()}):
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from")
+        warnings.filterwarnings("ignore", message=r"Matplotlib currently does not support")
+        for text in fig.findobj(matplotlib.text.Text):
+            text.set_fontfamily(font_families())
+        fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
 
 
@@ -220,7 +251,11 @@ def write_report(out_dir: str | Path, title: str, figures: list[tuple[str, str, 
     are embedded as base64 data URIs and nothing outside it is referenced, so it opens offline. Every file
     is written atomically (a temporary file, then os.replace). Returns the report's path."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only or impossible place: the user's --out to change
+        why = "a file of that name exists; expected a directory" if isinstance(e, FileExistsError) else e.strerror
+        raise UserError(f"--out {readable(out_dir)}: cannot be written ({why})") from None
     sections = []
     for name, caption, fig in figures:
         data = png_bytes(fig)
@@ -244,7 +279,7 @@ td, th {{ padding: 2px 8px; border-bottom: 1px solid #eee; text-align: right; }}
 </body></html>
 """
     path = out_dir / "report.html"
-    atomic_write(path, page.encode("utf-8"))
+    atomic_write(path, readable(page).encode("utf-8"))  # a non-UTF-8 byte of a path shows as \xe9
     return path
 
 

@@ -13,6 +13,7 @@ machine and thread count; other CPUs or thread counts may round differently).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,7 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed
-from .common import classification_metrics, format_duration  # noqa: F401  (classification_metrics re-exported)
+from .common import classification_metrics, format_duration, readable  # noqa: F401  (classification_metrics re-exported)
 from .data import Examples, Vocabulary, encode, tokenize
 from .errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
 from .model import (
@@ -148,6 +149,7 @@ def train(
     log: Callable[[str], None] | None = None,
     on_start: Callable[[Path], None] | None = None,
     overwrite: bool = False,
+    on_ready: Callable[[], None] | None = None,
     device: str | torch.device = "cpu",
 ) -> dict:
     """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
@@ -155,7 +157,9 @@ def train(
 
     ``on_start(out)`` is called once a fresh run has written its description, to add files of the caller's
     (the CLI writes split.json there). With ``overwrite`` a run already in ``out`` is replaced: its files
-    (``model.RUN_FILES``, nothing else) are removed once the new run has passed its checks.
+    (``model.RUN_FILES``, nothing else) are removed once the new run has passed its checks. ``on_ready()`` is
+    called once every check has passed, just before the first batch (the CLI says there what it chose, so
+    that an error found first is said alone).
 
     With ``resume`` the run continues from ``out``'s checkpoint: config, vocabulary and labels come from
     ``out``, and the data must be the same as before.
@@ -173,7 +177,7 @@ def train(
     saved = _saved_config(out) if resume else None
     if (saved.ensemble if saved is not None else config.ensemble) > 1:
         return train_ensemble(saved or config, train_set, val_set, out, resume=resume, progress=progress, log=log,
-                              on_start=on_start, overwrite=overwrite, device=device)
+                              on_start=on_start, overwrite=overwrite, on_ready=on_ready, device=device)
     device = resolve_device(device)
     if device.type != "cpu" and distributed.world_size() > 1:
         raise UserError(f"--device {device}: training on a GPU with several processes is not supported yet; "
@@ -215,7 +219,12 @@ def train(
         if state["data"] != data_id:
             raise UserError(f"--resume: the training/validation data differ from those of the run in {out}")
         if state["done"]:
+            if log:
+                log(f"the run in {readable(out)} had already finished ({len(state['history'])} epochs); --resume "
+                    "has nothing to do (a finished run cannot be extended)")
             return _finish(state, log)
+    if on_ready is not None and distributed.is_main():
+        on_ready()
     net = distributed.wrap(model)  # DDP over several processes; the model itself when alone
     batches_per_epoch = math.ceil(len(y) / (config.batch_size * distributed.world_size()))
     bar = tqdm(total=config.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
@@ -297,7 +306,7 @@ def _saved_config(out: Path) -> Config | None:
 def train_ensemble(config: Config, train_set: Examples, val_set: Examples, out: Path, resume: bool = False,
                    progress: bool = False, log: Callable[[str], None] | None = None,
                    on_start: Callable[[Path], None] | None = None, overwrite: bool = False,
-                   device: str | torch.device = "cpu") -> dict:
+                   on_ready: Callable[[], None] | None = None, device: str | torch.device = "cpu") -> dict:
     """Train the ``config.ensemble`` = N members of an ensemble one after another and write them as one
     model directory (see rnnmath.model, ``Ensemble``); return its history.
 
@@ -322,9 +331,13 @@ def train_ensemble(config: Config, train_set: Examples, val_set: Examples, out: 
         if (out / WEIGHTS).exists() and (out / HISTORY).exists():
             history = read_json(out / HISTORY, "history")
             if history.get("done") and isinstance(history.get("members"), list):
+                if log:
+                    log(f"the ensemble in {readable(out)} had already finished; --resume has nothing to do")
                 return {k: history[k] for k in ("epochs", "best_epoch", "best_val_accuracy", "done", "members")}
     else:
         config, vocab, labels, _, _ = _start(config, train_set, out, resume, overwrite, on_start, log)
+    if on_ready is not None:
+        on_ready()
     histories = []
     for k in range(config.ensemble):
         member_out = out / MEMBERS / str(k)
@@ -388,17 +401,26 @@ def _start(config: Config, train_set: Examples, out: Path, resume: bool, overwri
     check_size(config, len(vocab), len(labels))
     distributed.barrier()  # every process has checked --out before rank 0 writes to it
     if distributed.is_main():
+        created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
+            raise UserError(f"--out {readable(out)}: cannot be written ({e.strerror})") from None
         if overwrite:  # only now: a mistake caught above leaves the old run whole
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / MEMBERS, ignore_errors=True)  # an ensemble's unfinished member runs
-        save_description(out, config, vocab, labels)
-        if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
-            on_start(out)
+        try:
+            save_description(out, config, vocab, labels)
+            if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
+                on_start(out)
+        except BaseException:  # no half-written run: a directory with config.json but no split record
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
     return config, vocab, labels, pretrained, coverage
 
 

@@ -413,3 +413,203 @@ def test_russian_and_chinese_sentences_train_and_predict(tmp_path, capsys):
     code, out, _ = run(capsys, "predict", str(tmp_path / "m"), "--json", "Отличный сервис", "服务很差")
     labels = [json.loads(line)["label"] for line in out.splitlines()]
     assert code == 0 and labels == ["pos", "neg"]
+
+
+# -- issue 12: an outside tester's findings, each a kind --------------------------------------------------------
+def one_line_error(code, err, message: str) -> None:
+    assert code == 2 and err.startswith("rnnmath: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+
+
+@pytest.mark.parametrize("where", ["existing file", "impossible"])
+@pytest.mark.parametrize("command", ["train", "train-lm", "cv", "inspect", "flow", "demo"])
+def test_every_out_that_cannot_be_written_is_exit_2_one_line(command, where, trained, order_files, tmp_path,
+                                                             capsys):
+    (tmp_path / "existing.txt").write_text("mine\n")
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. the dog sat on the log.\n" * 30)
+    out = str(tmp_path / "existing.txt") if where == "existing file" else "/proc/nope/r"
+    argv = {"train": ["train", "--data", str(order_files["train"]), *TINY],
+            "train-lm": ["train", "--task", "lm", "--data", str(tmp_path / "text.txt"), "--bptt", "10",
+                         "--batch-size", "4", "--epochs", "1", "--threads", "1"],
+            "cv": ["cv", "--data", str(order_files["train"]), "--folds", "2", "--epochs", "1"],
+            "inspect": ["inspect", str(trained), "good"],
+            "flow": ["flow", "--cells", "rnn", "--steps", "3", "--batch", "2", "--hidden", "2"],
+            "demo": ["demo", "--quick"]}[command]
+    code, _, err = run(capsys, *argv, "--out", out)
+    one_line_error(code, err, f"{out}/config.json: cannot be written (" if command == "train-lm"
+                   else f"{out}: cannot be written (")
+    assert (tmp_path / "existing.txt").read_text() == "mine\n"  # loses nothing
+
+
+def test_an_oserror_naming_a_path_is_the_users_mistake(capsys, monkeypatch):
+    def broken(args):
+        raise IsADirectoryError(21, "Is a directory", "some/dir")
+
+    monkeypatch.setattr(cli, "cmd_datasets", broken)
+    code, _, err = run(capsys, "datasets")
+    assert code == 2 and err == "rnnmath: error: some/dir: Is a directory\n"
+
+
+@pytest.mark.parametrize("flag", ["--data", "--val", "--test"])
+@pytest.mark.parametrize("path, message", [("/proc/nope", "/proc/nope: no such file"),
+                                           ("/proc", "/proc: is a directory")])
+def test_every_data_path_error_is_exit_2_one_line(flag, path, message, order_files, tmp_path, capsys):
+    argv = {"--data": [], "--val": ["--data", str(order_files["train"])],
+            "--test": ["--data", str(order_files["train"])]}[flag]
+    code, _, err = run(capsys, "train", *argv, flag, path, "--out", str(tmp_path / "m"), *TINY)
+    one_line_error(code, err, message)
+    assert not (tmp_path / "m").exists()
+
+
+def test_non_utf8_bytes_in_data_and_out_paths(order_files, tmp_path, capsys):
+    """File names are bytes on Linux; Python keeps those that are not UTF-8 as lone surrogates (PEP 383)."""
+    data_file = tmp_path / os.fsdecode(b"caf\xe9.tsv")
+    out = tmp_path / os.fsdecode(b"r\xe9")
+    try:
+        data_file.write_bytes(order_files["train"].read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses non-UTF-8 names")
+    code, stdout, err = run(capsys, "train", "--data", str(data_file), "--out", str(out), *TINY)
+    assert code == 0, err
+    shown_out = str(tmp_path) + "/r\\xe9"
+    assert f"model written to {shown_out}" in stdout and "caf\\xe9.tsv (stratified" in err and "\\udc" not in err
+    record = json.loads((out / "split.json").read_text(encoding="utf-8"))
+    assert os.fsencode(record["parts"]["test"]["file"]) == os.fsencode(data_file)  # the bytes come back
+    code, stdout, err = run(capsys, "evaluate", str(out), "--split", "test", "--json")
+    assert code == 0 and json.loads(stdout)["n"] == 24, err
+    code, stdout, err = run(capsys, "predict", str(out), "good")
+    assert code == 0 and stdout.endswith("\tgood\n"), err
+    code, stdout, err = run(capsys, "inspect", str(out), "good", "--out", str(tmp_path / os.fsdecode(b"i\xe9")),
+                            "--json")
+    assert code == 0 and json.loads(stdout)["report"] == str(tmp_path) + "/i\\xe9/report.html", err
+    (out / "model.safetensors").write_bytes(b"damaged")
+    code, _, err = run(capsys, "predict", str(out), "good")
+    one_line_error(code, err, f"{shown_out}/model.safetensors: not a readable safetensors file")
+
+
+def test_a_run_that_fails_while_starting_leaves_no_directory(order_files, tmp_path, capsys, monkeypatch):
+    from rnnmath import model
+
+    def broken(*args):
+        raise UnicodeEncodeError("utf-8", "x", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(model, "write_split_record", broken)
+    code, _, err = run(capsys, "train", "--data", str(order_files["train"]), "--out", str(tmp_path / "m"), *TINY)
+    assert code == 1 and not (tmp_path / "m").exists(), err
+
+
+def header_files(root: Path) -> dict[str, Path]:
+    rows = [(f"{word} thing number {i}", label) for i in range(20)
+            for word, label in (("good", "a"), ("bad", "b"), ("odd", "c"))]
+    (root / "three.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    (root / "three.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    (root / "first.txt").write_text("label text\n" + "".join(f"{y} {t}\n" for t, y in rows))
+    (root / "fast.txt").write_text("".join(f"__label__{y} {t}\n" for t, y in rows))
+    return {"tsv": root / "three.tsv", "csv": root / "three.csv", "label-first": root / "first.txt",
+            "fasttext": root / "fast.txt"}
+
+
+@pytest.mark.parametrize("kind", ["tsv", "csv"])
+def test_a_header_read_with_column_numbers_stops_unless_a_flag_says(kind, tmp_path, capsys):
+    path = header_files(tmp_path)[kind]
+    argv = ["train", "--data", str(path), "--text-column", "1", "--label-column", "2", *TINY, "--epochs", "1"]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "m"))
+    one_line_error(code, err, f"{path} line 1: looks like a header (its label 'label' occurs on no other line)")
+    assert "--text-column text --label-column label" in err and "--header" in err
+    assert not (tmp_path / "m").exists()
+    code, _, err = run(capsys, *argv, "--header", "--out", str(tmp_path / "h"), "--json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "h" / "labels.json").read_text())["labels"] == ["a", "b", "c"]
+    assert json.loads((tmp_path / "h" / "split.json").read_text())["reader"]["header"] is True
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "h"), "--split", "test", "--json")
+    assert code == 0 and json.loads(out)["n"] == 6, err  # the split record re-reads with --header
+    code, _, err = run(capsys, *argv, "--no-header", "--out", str(tmp_path / "n"), "--quiet")
+    assert code == 0 and "label" in json.loads((tmp_path / "n" / "labels.json").read_text())["labels"]
+    code, _, err = run(capsys, "train", "--data", str(path), "--no-header", "--out", str(tmp_path / "x"), *TINY)
+    one_line_error(code, err, "--no-header needs column numbers")
+
+
+def test_a_tsv_read_as_label_first_is_an_error_naming_the_format(tmp_path, capsys):
+    path = header_files(tmp_path)["tsv"]
+    code, _, err = run(capsys, "train", "--data", str(path), "--format", "label-first", "--out",
+                       str(tmp_path / "m"), *TINY)
+    one_line_error(code, err, f"{path}: 61 of 61 lines hold a TAB (line 1 first), so this looks like a "
+                              "tab-separated file, not --format label-first")
+    assert "use --format tsv" in err and not (tmp_path / "m").exists()
+
+
+def test_a_header_word_is_never_a_label_first_class(tmp_path, capsys):
+    path = header_files(tmp_path)["label-first"]
+    argv = ["train", "--data", str(path), "--format", "label-first", *TINY, "--epochs", "1"]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "m"))
+    one_line_error(code, err, f"{path} line 1: looks like a header (its label 'label' occurs on no other line)")
+    code, _, err = run(capsys, *argv, "--header", "--out", str(tmp_path / "h"), "--quiet")
+    assert code == 0 and json.loads((tmp_path / "h" / "labels.json").read_text())["labels"] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("kind, hint", [("label-first", "--format label-first ('<label> <text>')"),
+                                        ("fasttext", "its lines start with __label__: --format fasttext")])
+def test_a_label_first_file_read_as_tsv_suggests_its_format(kind, hint, tmp_path, capsys):
+    path = header_files(tmp_path)[kind]
+    code, _, err = run(capsys, "train", "--data", str(path), "--out", str(tmp_path / "m"), *TINY)
+    one_line_error(code, err, hint)
+    assert "line 1: expected 'sentence<TAB>label'" in err
+
+
+def test_evaluate_split_test_blames_repeated_sentences_not_the_user(tmp_path, capsys):
+    rows = [f"{w} thing number {i}\t{y}" for i in range(20) for w, y in (("good", "a"), ("bad", "b"))]
+    rows += ["the same words again\ta"] * 30
+    (tmp_path / "dup.tsv").write_text("\n".join(rows) + "\n")
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "dup.tsv"), "--out", str(tmp_path / "m"), *TINY,
+                       "--quiet")
+    assert code == 0, err
+    record = json.loads((tmp_path / "m" / "split.json").read_text())
+    copies = sum(1 for n in record["parts"]["test"]["lines"] if n > 40)  # lines 41-70 are the repeats
+    assert copies > 0
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "m"), "--split", "test", "--json")
+    n = json.loads(out)["n"]
+    assert code == 0 and json.loads(out)["train_overlap"] == copies
+    assert (f"warning: {copies} of {n} test sentences ({copies / n:.1%}) have the same words as a training "
+            f"sentence, because {tmp_path / 'dup.tsv'} repeats sentences (29 line(s) repeat an earlier one)") in err
+    assert "--split test'" not in err and err.count("\n") == 1
+
+
+def test_train_says_where_validation_came_from_with_test_alone(order_files, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--data", str(order_files["train"]), "--test", str(order_files["test"]),
+                       "--out", str(tmp_path / "m"), *TINY, "--epochs", "1")
+    assert code == 0
+    assert (f"split {order_files['train']} (stratified, seed 0): train 216, validation 24 sentences; no --val file "
+            "was given, so 10% of --data is the validation set") in err
+
+
+def test_resume_errors_come_alone_and_a_finished_run_says_it_cannot_grow(trained, order_files, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "m"
+    shutil.copytree(trained, run_dir)
+    other = tmp_path / "other.tsv"
+    other.write_bytes(order_files["train"].read_bytes().replace(b"good", b"fine"))
+    code, _, err = run(capsys, "train", "--data", str(other), "--out", str(run_dir), "--resume", "--threads", "1")
+    one_line_error(code, err, "--resume: the training/validation data differ from those of the run in")
+    code, _, err = run(capsys, "train", "--data", str(order_files["train"]), "--out", str(run_dir), "--resume",
+                       "--epochs", "5", "--threads", "1")
+    one_line_error(code, err, "--epochs 5 differs from the run being resumed")
+    assert "a finished run cannot be extended" in err
+    code, _, err = run(capsys, "train", "--data", str(order_files["train"]), "--out", str(run_dir), "--resume",
+                       "--threads", "1")
+    assert code == 0 and "had already finished (2 epochs); --resume has nothing to do" in err
+
+
+def test_inspect_on_chinese_text_warns_nothing(tmp_path, capsys):
+    import warnings
+
+    rows = [f"{t} {i}\t{y}" for i in range(10) for t, y in (("这部电影很好看", "pos"), ("这部电影很难看", "neg"))]
+    (tmp_path / "zh.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "zh.tsv"), "--out", str(tmp_path / "m"), *TINY,
+                       "--quiet")
+    assert code == 0, err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run(capsys, "inspect", str(tmp_path / "m"), "这部电影很好看", "--out", str(tmp_path / "r"))
+    assert code == 0 and err == "" and not [w for w in caught if "missing from" in str(w.message)], err
+    assert "这" in (tmp_path / "r" / "report.html").read_text(encoding="utf-8")  # the page has the text itself

@@ -787,3 +787,179 @@ def test_issue_jit_trace_of_the_readable_loop():
     layer.fast = False
     with pytest.raises(RuntimeError, match="silently wrong shapes"):
         torch.jit.trace(layer, torch.randn(6, 2, 3))
+
+
+# -- the outside tester's findings (after the first round) -------------------------------------------------
+AUTOCAST_MATRIX = [(name, ac, xd, form)
+                   for name in ("RNN", "LSTM", "GRU", "LSTMproj", "RNNCell", "LSTMCell", "GRUCell")
+                   for ac in (torch.bfloat16, torch.float16)
+                   for xd in (torch.float32, torch.bfloat16, torch.float16)
+                   for form in (("plain", "packed") if not name.endswith("Cell") else ("plain",))]
+
+
+def _build_twins(name):
+    torch.manual_seed(8)
+    kwargs = dict(proj_size=2) if name == "LSTMproj" else {}
+    cls = "LSTM" if name == "LSTMproj" else name
+    ref, ours = getattr(torch.nn, cls)(6, 5, **kwargs), getattr(rnnmath, cls)(6, 5, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("name,ac,xd,form", AUTOCAST_MATRIX,
+                         ids=[f"{n}-{str(a)[6:]}-x{str(x)[6:]}-{f}" for n, a, x, f in AUTOCAST_MATRIX])
+def test_autocast_dtypes_of_every_input_dtype_match_torch(name, ac, xd, form):
+    """Findings 1-3: under autocast torch.nn skips its dtype check and returns, per class, input dtype and
+    packing, the dtypes its kernels give (GRU/GRUCell/LSTMCell with an input already in the autocast dtype: that
+    dtype; LSTM with proj_size: h in the autocast dtype, c_n float32; packed LSTM: float32). rnnmath returns the
+    same dtypes with values within the lower precision's tolerance, wherever torch.nn runs at all."""
+    ref, ours = _build_twins(name)
+    cell = name.endswith("Cell")
+    x = (torch.randn(3, 6) if cell else torch.randn(5, 3, 6)).to(xd)
+    if form == "packed":
+        x = pack_padded_sequence(x, torch.tensor([5, 4, 2]))
+    with torch.autocast("cpu", dtype=ac):
+        try:
+            want = ref(x)
+        except RuntimeError:
+            want = None  # torch.nn's oneDNN LSTM under float16 autocast, or packing mixed halves: a deviation
+        if want is None:
+            pytest.skip("torch.nn raises here (docs/compatibility.md, Precision)")
+        got = ours(x)
+    for a, b in zip(tensors_of(got), tensors_of(want)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_finding1_gru_and_cells_under_autocast_keep_a_half_input():
+    x = torch.randn(5, 2, 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, h = rnnmath.GRU(3, 4)(x)
+        assert out.dtype == h.dtype == torch.bfloat16
+        assert rnnmath.GRUCell(3, 4)(x[0]).dtype == torch.bfloat16
+        assert {t.dtype for t in rnnmath.LSTMCell(3, 4)(x[0])} == {torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, h = rnnmath.GRU(3, 4)(x.half())
+        assert out.dtype == h.dtype == torch.float16
+        assert rnnmath.GRUCell(3, 4)(x[0].half()).dtype == torch.float16
+    with pytest.raises(ValueError, match="does not match weight dtype"):  # outside autocast: still refused
+        rnnmath.GRU(3, 4)(x)
+
+
+def test_finding2_lstm_proj_size_under_autocast_keeps_c_in_float32():
+    for ac in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=ac):
+            out, (h, c) = rnnmath.LSTM(3, 4, proj_size=2, num_layers=2)(torch.randn(5, 2, 3))
+        assert out.dtype == h.dtype == ac and c.dtype == torch.float32
+
+
+def test_finding3_packed_lstm_under_autocast_stays_float32():
+    x = pack_padded_sequence(torch.randn(5, 2, 3), torch.tensor([5, 3]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = rnnmath.LSTM(3, 4)(x)
+        rnn_out, rnn_h = rnnmath.RNN(3, 4)(x)
+    assert out.data.dtype == h.dtype == c.dtype == torch.float32
+    assert rnn_out.data.dtype == rnn_h.dtype == torch.bfloat16  # torch.nn.RNN packed: the lower precision
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "GRUCell", "LSTMCell"])
+@pytest.mark.parametrize("label,x", [("bool-2d", torch.zeros(5, 3, dtype=torch.bool)),
+                                     ("complex64-2d", torch.zeros(5, 3, dtype=torch.complex64)),
+                                     ("int64-2d", torch.zeros(5, 3, dtype=torch.int64)),
+                                     ("bool-1d", torch.zeros(3, dtype=torch.bool)),
+                                     ("complex64-1d", torch.zeros(3, dtype=torch.complex64))])
+def test_finding5_cells_refuse_bool_complex_and_2d_integer_input_as_torch(name, label, x):
+    assert "mat1 and mat2 must have the same dtype" in _raises_like_torch(name, (3, 4), x)
+
+
+def test_finding6_lstm_cell_hx_not_a_pair_raises_like_torch():
+    x, h = torch.randn(5, 3), torch.zeros(5, 4)
+    assert "tuple of 2 tensors" in _raises_like_torch("LSTMCell", (3, 4), x, h)  # TypeError
+    assert "expects 2 hidden states" in _raises_like_torch("LSTMCell", (3, 4), x, (h,))  # RuntimeError
+    assert "expects 2 hidden states" in _raises_like_torch("LSTMCell", (3, 4), x, [h])
+
+
+def test_finding7_unknown_cell_nonlinearity_fails_at_construction_a_deviation():
+    with pytest.raises(RuntimeError, match="Unknown nonlinearity"):  # torch.nn: at the first call
+        torch.nn.RNNCell(3, 4, nonlinearity="gelu")(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'gelu'"):  # rnnmath: at once, as torch.nn.RNN
+        rnnmath.RNNCell(3, 4, nonlinearity="gelu")
+    with pytest.raises(ValueError, match="Unknown nonlinearity"):
+        torch.nn.RNN(3, 4, nonlinearity="gelu")
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "GRUCell", "LSTMCell"])
+def test_finding8_a_bool_size_is_refused_by_cells_as_by_layers_a_deviation(name):
+    getattr(torch.nn, name)(3, True)  # torch.nn reads True as 1
+    with pytest.raises(TypeError, match="hidden_size should be of type int, got: bool"):
+        getattr(rnnmath, name)(3, True)
+
+
+@pytest.mark.parametrize("name", ["RNN", "GRU"])
+def test_finding9_layer_hx_containers_raise_like_torch(name):
+    x, h = torch.randn(5, 2, 3), torch.zeros(1, 2, 4)
+    for hx in ([h], (h,), (h, h)):
+        assert "hx must be a tensor" in _raises_like_torch(name, (3, 4), x, hx)  # AttributeError
+    for hx in ([h[0]], (h[0],)):  # unbatched input
+        assert "hx must be a tensor" in _raises_like_torch(name, (3, 4), x[:, 0], hx)
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "GRUCell"])
+def test_finding9_cell_hx_containers_raise_like_torch(name):
+    x, h = torch.randn(5, 3), torch.zeros(5, 4)
+    for hx in ([h], (h,), (h, h)):
+        assert "hx must be a tensor" in _raises_like_torch(name, (3, 4), x, hx)  # AttributeError
+
+
+def test_finding9_packed_lstm_with_2d_hx_is_a_runtime_error_a_deviation():
+    x = pack_padded_sequence(torch.randn(5, 2, 3), torch.tensor([5, 3]))
+    hx = (torch.zeros(2, 4), torch.zeros(2, 4))
+    with pytest.raises(IndexError):  # torch.nn: from inside, "Dimension out of range"
+        torch.nn.LSTM(3, 4)(x, hx)
+    with pytest.raises(RuntimeError, match="hx should also be 3-D"):  # as torch.nn.RNN/GRU say for it
+        rnnmath.LSTM(3, 4)(x, hx)
+
+
+def test_finding10_proj_size_message_is_torchs():
+    for name in ("RNN", "GRU"):
+        with pytest.raises(ValueError) as ours:
+            getattr(rnnmath, name)(4, 6, proj_size=2)
+        with pytest.raises(ValueError) as ref:
+            getattr(torch.nn, name)(4, 6, proj_size=2)
+        assert str(ours.value) == str(ref.value)
+    with pytest.raises(ValueError, match="not PeepholeLSTMCell"):
+        rnnmath.Recurrent(rnnmath.cells.PeepholeLSTMCell, 3, 4, proj_size=2)
+
+
+@pytest.mark.parametrize("name,args,kwargs", [
+    ("LSTM", (3, 4), dict(num_layers=2, bidirectional=True, proj_size=2)),
+    ("LSTM", (3, 5), dict(num_layers=2, batch_first=True, dropout=0.1, bidirectional=True)),
+    ("LSTM", (3, 5), dict(bias=False, proj_size=1)),
+    ("RNN", (3, 4), dict(nonlinearity="relu", num_layers=3)),
+    ("GRU", (3, 4), dict(bias=False, batch_first=True)),
+    ("RNNCell", (3, 4), dict(nonlinearity="relu")),
+    ("RNNCell", (3, 4), dict(bias=False, nonlinearity="relu")),
+    ("LSTMCell", (3, 4), dict(bias=False)),
+    ("GRUCell", (3, 4), {}),
+])
+def test_finding11_repr_is_torchs(name, args, kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert repr(getattr(rnnmath, name)(*args, **kwargs)) == repr(getattr(torch.nn, name)(*args, **kwargs))
+
+
+def test_finding12_not_torch_nn_subclasses_as_documented():
+    """rnnmath's classes are nn.Modules but not torch.nn.RNNBase/RNNCellBase (docs/compatibility.md says so)."""
+    assert isinstance(rnnmath.LSTM(3, 4), torch.nn.Module)
+    assert not isinstance(rnnmath.LSTM(3, 4), torch.nn.RNNBase)
+    assert not isinstance(rnnmath.GRUCell(3, 4), torch.nn.RNNCellBase)
+
+
+def test_the_cells_own_state_tuple_is_accepted_as_hx_an_extension():
+    """A plain tuple or list raises as in torch.nn, but the State a step returns (HiddenState(h)) goes back in."""
+    cell, x = rnnmath.GRUCell(3, 4), torch.randn(5, 3)
+    h = cell(x)
+    torch.testing.assert_close(cell(x, rnnmath.cells.HiddenState(h)), cell(x, h))
+    layer = rnnmath.GRU(3, 4)
+    h0 = torch.randn(1, 5, 4)
+    torch.testing.assert_close(layer(x[None], rnnmath.cells.HiddenState(h0))[0], layer(x[None], h0)[0])

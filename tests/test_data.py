@@ -432,10 +432,11 @@ def test_order_task_is_seeded_and_has_twins_with_opposite_labels():
     assert task.texts[index + 1] == twin and task.labels[index + 1] != task.labels[index]
 
 
-def test_column_numbers_on_a_file_with_a_header_say_so(tmp_path):
+def test_column_numbers_on_a_file_with_a_header_stop_unless_told(tmp_path):
     path = write(tmp_path, "h.tsv", "sentiment\treview\npos\tgood\nneg\tbad\npos\tfine\n")
-    examples = read_examples(path, text_column=2, label_column=1)
-    assert examples.labels == ["sentiment", "pos", "neg", "pos"]  # read as data, as asked
-    assert examples.notes == [f"{path} line 1: its label 'sentiment' occurs on no other line, so it may be a header; "
-                              "with column numbers every line is data (name the columns instead if the file has a "
-                              "header)"]
+    with pytest.raises(UserError, match=r"h.tsv line 1: looks like a header \(its label 'sentiment' occurs on no "
+                                        r"other line\).*--text-column review --label-column sentiment.*--header"):
+        read_examples(path, text_column=2, label_column=1)
+    assert read_examples(path, text_column=2, label_column=1, header=True).labels == ["pos", "neg", "pos"]
+    examples = read_examples(path, text_column=2, label_column=1, header=False)
+    assert examples.labels == ["sentiment", "pos", "neg", "pos"] and examples.lines == [1, 2, 3, 4]

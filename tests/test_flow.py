@@ -95,7 +95,7 @@ def step_by_step(layer, x, lengths, retain=False):
                 for t in range(n):
                     recorded.append({})
                     cell._recorder = recorded[-1].update  # what the cell records at this step
-                    out = cell(seq[t], state)
+                    out = cell(seq[t], state if state is None or len(state) > 1 else state[0])  # h alone, as torch.nn
                     state = out if isinstance(out, tuple) else (out,)
                     if retain:
                         state[0].retain_grad()
