@@ -227,6 +227,9 @@ def task_of(directory: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .model import resolve_device
+
+    resolve_device(args.device)  # a --device that cannot be had is said before any data is read
     if args.task == "lm" or (args.task is None and args.preset in LM_PRESETS):
         return lm_train_command(args)
     if args.preset in LM_PRESETS:
@@ -514,7 +517,8 @@ def add_predict_parser(subparsers) -> None:
                               "flushed) as soon as its line has arrived, so a program can write a line and read "
                               "its answer.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
-    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: lines of standard input)")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: lines of standard input); "
+                   "after '--' every argument is a text, even one starting with '-': predict DIR -- \"-5 stars\"")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: text, label, probabilities (label -> probability)")
     add_threads_flag(p)
@@ -608,6 +612,7 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0, help="seed of the draws (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt, text, ...) at the end")
     add_threads_flag(p)
+    add_device_flag(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -876,24 +881,39 @@ def cmd_flow(args: argparse.Namespace) -> int:
 
 # -- serve and export (rnnmath/serve.py, rnnmath/export.py, docs/serving.md) ---------------------------------
 def add_serve_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="answer predictions over HTTP (POST /predict, GET /health, GET /info)",
+    p = subparsers.add_parser("serve", help="answer over HTTP: POST /predict (a classifier) or POST /generate (a "
+                              "language model), GET /health, GET /info",
                               description="Serve a trained model over HTTP until SIGTERM or Ctrl-C, which finish "
-                              "the requests in flight and exit with 0. Concurrent requests are joined into one "
+                              "the requests in flight (for at most --shutdown-timeout seconds) and exit with 0. "
+                              "A classifier answers POST /predict; concurrent requests are joined into one "
                               "forward pass of up to --max-batch texts, waiting at most --max-delay-ms for "
-                              "company. Needs the 'serve' extra: pip install 'rnnmath[serve]'. See docs/serving.md.")
+                              "company. A language model answers POST /generate with the text 'rnnmath generate' "
+                              "gives for the same arguments. Needs the 'serve' extra: "
+                              "pip install 'rnnmath[serve]'. See docs/serving.md.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="TCP port; 0 picks a free one, "
                    "printed at start (default: 8000)")
-    p.add_argument("--max-batch", type=_number(int, 1, 1_000_000), default=64, metavar="N",
-                   help="most texts in one forward pass; 1 turns batching off (default: 64)")
-    p.add_argument("--max-delay-ms", type=_number(float, 0, 60_000), default=5.0, metavar="MS",
-                   help="longest a request waits for others to join its forward pass (default: 5)")
-    p.add_argument("--max-texts", type=_number(int, 1, 10_000_000), default=1000, metavar="N",
-                   help="most texts in one request; more get 413 (default: 1000)")
+    p.add_argument("--max-batch", type=_number(int, 1, 1_000_000), default=None, metavar="N",
+                   help="a classifier: most texts in one forward pass; 1 turns batching off (default: 64)")
+    p.add_argument("--max-delay-ms", type=_number(float, 0, 60_000), default=None, metavar="MS",
+                   help="a classifier: longest a request waits for others to join its forward pass (default: 5)")
+    p.add_argument("--max-texts", type=_number(int, 1, 10_000_000), default=None, metavar="N",
+                   help="a classifier: most texts in one request; more get 413 (default: 1000)")
+    p.add_argument("--max-length", type=_number(int, 0, 10_000_000), default=None, metavar="N",
+                   help="a language model: most tokens one POST /generate may ask for; more get 413 "
+                        "(default: 2000)")
+    p.add_argument("--max-prompt-tokens", type=_number(int, 0, 10_000_000), default=None, metavar="N",
+                   help="a language model: most tokens in one prompt; more get 413 (default: 10000)")
     p.add_argument("--max-body-bytes", type=_number(int, 1, 2**40), default=1 << 20, metavar="N",
                    help="largest request body; larger get 413 (default: 1048576)")
+    p.add_argument("--request-timeout", type=_number(float, 0.001, 86_400), default=30.0, metavar="S",
+                   help="seconds a client has to send a request's headers, and again its body; then 408 and the "
+                        "connection is closed (default: 30)")
+    p.add_argument("--shutdown-timeout", type=_number(float, 0, 86_400), default=30.0, metavar="S",
+                   help="on SIGTERM/Ctrl-C, seconds to finish the requests in flight; those still running are "
+                        "then cancelled and the server exits with 0 (default: 30)")
     p.add_argument("--threads", type=_number(int, 1, 4096), default=1, metavar="N",
                    help="torch's intra-op threads for the forward passes (default: 1; see docs/serving.md)")
     add_device_flag(p)
@@ -911,14 +931,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # measured (docs/serving.md): with 2 threads on a busy machine OpenMP stalls made batched passes ~30x
     # slower; small passes gain little from intra-op threads anyway
     torch.set_num_threads(args.threads)
-    service = serve.ClassifierService(args.model, args.max_batch, args.max_delay_ms / 1000, args.device)
-    limits = serve.Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts)
+    lm = task_of(args.model) == "lm"
+    # each flag applies to one task; given for the other it would do nothing, so it is refused
+    for flag, for_lm in (("max_batch", False), ("max_delay_ms", False), ("max_texts", False),
+                         ("max_length", True), ("max_prompt_tokens", True)):
+        if getattr(args, flag) is not None and for_lm != lm:
+            raise UserError(f"--{flag.replace('_', '-')} applies to "
+                            f"{'a language model' if for_lm else 'a classifier'}, and {args.model} holds "
+                            f"{'a language model' if lm else 'a classifier'}; leave it out")
+    given = {name: getattr(args, name) for name in ("max_texts", "max_length", "max_prompt_tokens")
+             if getattr(args, name) is not None}
+    limits = serve.Limits(max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout, **given)
+    if lm:
+        service = serve.LanguageModelService(args.model, args.device)
+    else:
+        service = serve.ClassifierService(args.model, 64 if args.max_batch is None else args.max_batch,
+                                          (5.0 if args.max_delay_ms is None else args.max_delay_ms) / 1000,
+                                          args.device)
+    endpoint = "POST /generate" if lm else "POST /predict"
 
     def announce(url: str) -> None:
-        print(f"rnnmath: serving {args.model} on {url} (POST /predict, GET /health, GET /info); Ctrl-C or SIGTERM "
+        print(f"rnnmath: serving {args.model} on {url} ({endpoint}, GET /health, GET /info); Ctrl-C or SIGTERM "
               "stops", file=sys.stderr, flush=True)
 
-    serve.serve(service, args.host, args.port, limits, announce=announce)
+    serve.serve(service, args.host, args.port, limits, announce=announce, shutdown_timeout=args.shutdown_timeout)
     print("rnnmath: server stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -1018,7 +1054,12 @@ def _main(argv: list[str]) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=READABLE_ERRORS)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)  # a usage error exits with 2
+    # `predict DIR [flags] -- TEXT...`: everything after "--" is a text, even "-5 stars" or "--json" (argparse
+    # alone takes "--" only before the first TEXT, and leaves it unparsed after a flag)
+    cut = argv.index("--") if "--" in argv and _COMMAND == "predict" else None
+    args, extra = parser.parse_known_args(argv if cut is None else argv[:cut])  # a usage error exits with 2
+    if cut is not None:
+        args.texts += argv[cut + 1:]
     if extra and isinstance(getattr(args, "texts", None), list) and not any(e.startswith("-") for e in extra):
         args.texts += extra  # `predict DIR --json a b`: argparse ends the TEXT list at the first flag
     elif extra:

@@ -88,9 +88,15 @@ def export_onnx(directory: str | Path, out: str | Path, check: bool = True) -> E
     """Write the classifier of model directory ``directory`` as ONNX to ``out``, with its vocabulary and labels
     beside it (see the module docstring). Every file is written atomically.
 
-    Raises UserError for a bad model directory or an ``out`` that cannot be written; RuntimeError if
-    onnxruntime's probabilities differ from the model's by more than 1e-5 (nothing is then left at ``out``).
+    Raises UserError for a bad model directory (a language model's too) or an ``out`` that cannot be
+    written; RuntimeError if onnxruntime's probabilities differ from the model's by more than 1e-5 (nothing
+    is then left at ``out``).
     """
+    with contextlib.suppress(OSError, ValueError):
+        document = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+        if isinstance(document, dict) and document.get("task") == "lm":
+            raise UserError(f"{directory} holds a language model; ONNX export is for classifiers (serve a "
+                            "language model with 'rnnmath serve', sample it with 'rnnmath generate')")
     trained = load_model(directory)
     out = Path(out)
     vocab_path, labels_path = sidecar_paths(out)

@@ -59,6 +59,7 @@ from .model import (
     load_weights,
     read_json,
     read_safetensors,
+    resolve_device,
     write_json,
     write_safetensors,
 )
@@ -226,6 +227,7 @@ def evaluate(model: nn.Module, ids: Tensor, window: int = 256) -> dict:
     was_training = model.training
     model.eval()
     stream = ids.view(-1, 1)  # (N, 1)
+    stream = stream.to(next(model.parameters()).device)  # the model's device (ids may come from the CPU)
     state, total = None, 0.0
     for i in range(0, stream.shape[0] - 1, window):
         y = stream[i + 1 : i + 1 + window]  # (T, 1)
@@ -247,26 +249,31 @@ def generate(model: LanguageModel, vocab: TokenVocabulary, prompt: str = "", len
     Each token is drawn from softmax(logits / temperature) restricted to the ``top_k`` most probable tokens
     (0: all); temperature 0 takes the most probable token. The draws come from a generator seeded with
     ``seed``: the same model, prompt and seed give the same text. At character level UNK is never drawn.
-    An empty prompt starts from a newline (char) or <eos> (word)."""
+    An empty prompt starts from a newline (char) or <eos> (word).
+
+    The model runs on the device of its parameters; the draws are made on the CPU from a CPU generator, so
+    a seed means the same draws on every device (the text can still differ where the devices' logits differ
+    in rounding)."""
     model.eval()
+    device = next(model.parameters()).device
     ids, _ = vocab.encode(prompt)
     if ids.numel() == 0:
         start = "\n" if vocab.level == "char" else EOS
         ids = torch.tensor([vocab.index.get(start, vocab.unk)])
     generator = torch.Generator().manual_seed(seed)
-    logits, state = model(ids.view(-1, 1))  # (T, 1, V)
+    logits, state = model(ids.view(-1, 1).to(device))  # (T, 1, V)
     last = logits[-1, 0]  # (V,)
     for _ in range(length):
         token = sample(last, temperature, top_k, generator, banned=vocab.unk if vocab.level == "char" else None)
         yield vocab.text_of(vocab.tokens[token])
-        logits, state = model(torch.tensor([[token]]), state)
+        logits, state = model(torch.tensor([[token]], device=device), state)
         last = logits[-1, 0]
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator, banned: int | None = None
            ) -> int:
     """One token id from logits (V,): temperature, then top-k, then a draw (temperature 0: the argmax)."""
-    logits = logits.double().clone()
+    logits = logits.detach().double().cpu().clone()  # the draw on the CPU, with the CPU generator
     if banned is not None and logits.shape[0] > 1:
         logits[banned] = -math.inf
     if temperature == 0:
@@ -330,8 +337,11 @@ def load_description(directory: Path) -> tuple[LMConfig, TokenVocabulary]:
     return config, vocab
 
 
-def load_lm(directory: str | Path) -> TrainedLM:
-    """Rebuild a trained language model from its directory (config, vocabulary, weights)."""
+def load_lm(directory: str | Path, device: str | torch.device = "cpu") -> TrainedLM:
+    """Rebuild a trained language model from its directory (config, vocabulary, weights), on ``device``
+    (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``; see ``rnnmath.model.resolve_device``, which raises a
+    UserError naming ``--device`` when CUDA is asked for but not available)."""
+    device = resolve_device(device)
     directory = Path(directory)
     config, vocab = load_description(directory)
     model = LanguageModel.from_config(config, len(vocab))
@@ -340,13 +350,13 @@ def load_lm(directory: str | Path) -> TrainedLM:
         raise UserError(f"{path} is missing: training has not reached its first evaluation in {directory}")
     tensors, _ = read_safetensors(path, "weights")
     load_weights(model, untie(model, tensors), path)
-    model.eval()
+    model.to(device).eval()
     return TrainedLM(config, vocab, model)
 
 
 def weight_tensors(model: LanguageModel) -> dict[str, Tensor]:
     """The state dict as safetensors can hold it: a tied decoder weight is the embedding's, stored once."""
-    tensors = model.state_dict()
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # from any device
     if model.tie_weights:
         del tensors["decoder.weight"]
     return tensors
@@ -371,11 +381,14 @@ def save_checkpoint(directory: Path, model: LanguageModel, optimizer: torch.opti
     tensors = {f"model.{k}": v for k, v in weight_tensors(model).items()}
     for i, values in saved["state"].items():
         for name, value in values.items():
-            tensors[f"optim.{i}.{name}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+            tensors[f"optim.{i}.{name}"] = value.cpu() if isinstance(value, Tensor) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # dropout draws from the GPU's generator there
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     fields = () if carry is None else (carry,) if isinstance(carry, Tensor) else carry
     for j, f in enumerate(fields):
-        tensors[f"carry.{j}"] = f
+        tensors[f"carry.{j}"] = f.cpu()
     write_safetensors(directory / CHECKPOINT, "lm-checkpoint", tensors, state=state,
                       param_groups=saved["param_groups"], carry_fields=len(fields))
 
@@ -393,7 +406,10 @@ def load_checkpoint(directory: Path, model: LanguageModel, optimizer: torch.opti
                 optim_state.setdefault(int(i), {})[name] = value
         optimizer.load_state_dict({"state": optim_state, "param_groups": document["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
-        fields = [tensors[f"carry.{j}"] for j in range(document["carry_fields"])]
+        device = next(model.parameters()).device
+        if device.type == "cuda" and "rng.cuda" in tensors:  # dropout's draws on the GPU
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        fields = [tensors[f"carry.{j}"].to(device) for j in range(document["carry_fields"])]
         state = document["state"]
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise UserError(f"{path}: the checkpoint is damaged ({e!r}); start again without --resume") from None
@@ -433,6 +449,7 @@ def train_lm(
     time_limit: float | None = None,
     sources: tuple[str, str] = ("the training text", "the validation text"),
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train a language model on ``train_text`` with truncated BPTT and write the model directory ``out``
     (see the module docstring); return its history.
@@ -447,9 +464,15 @@ def train_lm(
     ``overwrite`` a run already in ``out`` is replaced: its files (``model.RUN_FILES`` and timing.json) are
     removed once the new run has passed its checks.
 
-    Raises UserError for an empty text, one shorter than B streams of one window, or a non-finite loss.
+    ``device``: where the model trains (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``; see
+    ``rnnmath.model.resolve_device``). The weights are initialised on the CPU and then moved, so a seed gives
+    the same initial weights on every device; the windows are cut on the CPU and moved there.
+
+    Raises UserError for an empty text, one shorter than B streams of one window, a non-finite loss, or
+    ``--device cuda`` without a GPU.
     """
     started = time.perf_counter()
+    device = resolve_device(device)
     out = Path(out)
     train_name, val_name = sources
     read_corpus(train_text, train_name)
@@ -491,6 +514,7 @@ def train_lm(
     torch.manual_seed(config.seed)
     model = LanguageModel.from_config(config, len(vocab))
     initialize(model, config)
+    model.to(device)
     optimizer = make_optimizer(model, config)
     state = {"epoch": 0, "window": 0, "loss_sum": 0.0, "tokens": 0, "best_val_loss": None, "history": [],
              "done": False, "data": data_id, "val_unknown": val_unknown}
@@ -542,6 +566,7 @@ def train_lm(
             for w, (x, y) in enumerate(batches):
                 if w < state["window"]:
                     continue  # resumed mid-epoch: these windows are done and the carried state is restored
+                x, y = x.to(device), y.to(device)
                 logits, carry = model(x, carry)  # (T, B, V)
                 carry = detach(carry)
                 loss = F.cross_entropy(logits.reshape(-1, len(vocab)), y.reshape(-1))  # nats per token
@@ -645,10 +670,10 @@ def run_train(args, given: dict) -> int:
     progress = not (args.quiet or args.json) and sys.stderr.isatty()
     history = train_lm(config, train_text, val_text, out, resume=args.resume, progress=progress, log=log,
                        time_limit=args.time_limit, sources=(args.data, args.val or ""),
-                       overwrite=getattr(args, "overwrite", False))
+                       overwrite=getattr(args, "overwrite", False), device=getattr(args, "device", "cpu"))
     result = {"model": str(out), **history}
     if test_text is not None and history["done"]:
-        result["test"] = load_lm(out).evaluate_text(test_text, args.test)
+        result["test"] = load_lm(out, getattr(args, "device", "cpu")).evaluate_text(test_text, args.test)
         write_json(out / HISTORY, "history", **history, test=result["test"])
     if args.json:
         print(json.dumps(result, sort_keys=True))
@@ -678,7 +703,7 @@ def format_metrics(metrics: dict, source: str) -> str:
 
 def run_evaluate(args) -> int:
     """``rnnmath evaluate DIR --data FILE`` on a language model."""
-    trained = load_lm(args.model)
+    trained = load_lm(args.model, getattr(args, "device", "cpu"))
     text = read_corpus(read_text(args.data), args.data)
     metrics = trained.evaluate_text(text, args.data)
     print(json.dumps(metrics, sort_keys=True) if args.json else format_metrics(metrics, args.data))
@@ -689,7 +714,7 @@ def run_generate(args) -> int:
     """``rnnmath generate DIR``: the prompt, then each sampled token printed as it comes."""
     import sys
 
-    trained = load_lm(args.model)
+    trained = load_lm(args.model, getattr(args, "device", "cpu"))
     _, unknown = trained.vocab.encode(args.prompt)
     if unknown:
         print(f"rnnmath: {unknown} token(s) of --prompt are not in the vocabulary (read as UNK)", file=sys.stderr)

@@ -415,6 +415,32 @@ def test_russian_and_chinese_sentences_train_and_predict(tmp_path, capsys):
     assert code == 0 and labels == ["pos", "neg"]
 
 
+def test_train_checks_the_device_before_reading_data(order_files, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: --device cuda is valid")
+    for task in ([], ["--task", "lm"]):
+        code, out, err = run(capsys, "train", "--data", str(order_files["train"]), "--out", str(tmp_path / "m"),
+                             "--device", "cuda", *task, *TINY[-2:])
+        assert code == 2 and out == "" and err.startswith("rnnmath: error: --device cuda")
+        assert len(err.splitlines()) == 1
+        assert not (tmp_path / "m").exists()
+
+
+def test_predict_takes_texts_starting_with_a_dash_after_double_dash(trained, capsys):
+    texts = ["-5 stars, awful", "-5", "--json", "-x"]
+    for argv in (["--", *texts], ["--json", "--", *texts], ["the food", "--json", "--", *texts]):
+        code, out, err = run(capsys, "predict", str(trained), *argv)
+        assert code == 0, err
+        lines = out.splitlines()
+        expected = (["the food"] if argv[0] == "the food" else []) + texts
+        if "--json" in argv[:argv.index("--")]:
+            assert [json.loads(line)["text"] for line in lines] == expected
+        else:
+            assert [line.split("\t")[2] for line in lines] == expected
+
+
 # -- issue 12: an outside tester's findings, each a kind --------------------------------------------------------
 def one_line_error(code, err, message: str) -> None:
     assert code == 2 and err.startswith("rnnmath: error: ") and message in err, err

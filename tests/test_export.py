@@ -192,3 +192,16 @@ def test_export_errors_are_one_line(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", str(model_dir), "--format", "tflite", "--out", str(tmp_path / "m.onnx")])
     assert exit_.value.code == 2 and "--format" in capsys.readouterr().err
+
+
+def test_export_of_a_language_model_says_it_is_for_classifiers(tmp_path, capsys):
+    from rnnmath.cli import main
+
+    lm = tmp_path / "lm"  # what 'rnnmath train --task lm' writes: the task in config.json, LM fields (bptt)
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"task": "lm", "level": "char", "cell": "lstm", "bptt": 16}))
+    assert main(["export", str(lm), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnmath: error:") and "holds a language model" in err and "for classifiers" in err
+    assert "bptt" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
