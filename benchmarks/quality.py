@@ -91,7 +91,8 @@ def run_ours(config, fit, val, test) -> dict:
                                          trained.labels)
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds,
             "chosen": {"best_epoch": history["best_epoch"], "epochs": len(history["epochs"]),
-                       "val_accuracy": history["best_val_accuracy"]}}
+                       "val_accuracy": history["best_val_accuracy"],
+                       **({"members": history["members"]} if "members" in history else {})}}
 
 
 def run_tfidf(fit, val, test) -> dict:

@@ -308,8 +308,9 @@ def train_command(args: argparse.Namespace) -> int:
         if not (out / CONFIG).exists():
             raise UserError(f"--resume: {out} holds no checkpoint to resume (no run was started there); train "
                             "without --resume")
-        print(f"rnnmath: {out} holds no checkpoint yet (the run stopped before the end of its first epoch): "
-              "starting that run over with its saved settings", file=sys.stderr)
+        if config.ensemble == 1:
+            print(f"rnnmath: {out} holds no checkpoint yet (the run stopped before the end of its first epoch): "
+                  "starting that run over with its saved settings", file=sys.stderr)
     examples = read_data(args, args.data)
     datamod.check_labels(examples, args.max_labels)
     val = read_data(args, args.val) if args.val else None
@@ -368,8 +369,13 @@ def train_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print(f"trained on {len(train_set)} sentences; best validation accuracy {history['best_val_accuracy']:.4f} "
-              f"at epoch {history['best_epoch']} of {len(history['epochs'])}")
+        if "members" in history:
+            print(f"trained an ensemble of {len(history['members'])} on {len(train_set)} sentences; validation "
+                  f"accuracy {history['best_val_accuracy']:.4f} (members: "
+                  + ", ".join(f"{m['best_val_accuracy']:.4f}" for m in history["members"]) + ")")
+        else:
+            print(f"trained on {len(train_set)} sentences; best validation accuracy "
+                  f"{history['best_val_accuracy']:.4f} at epoch {history['best_epoch']} of {len(history['epochs'])}")
         if len(test):
             print(f"test accuracy {result['test']['accuracy']:.4f} (n={len(test)}), "
                   f"macro F1 {result['test']['macro_f1']:.4f}")
@@ -807,13 +813,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise UserError("--encoding applies to a language model's passage read from @FILE; a classifier reads TEXT "
                         "as given")
     trained = load_model(args.model)
+    directory = args.model
+    if trained.config.ensemble > 1:  # states and gradients belong to one network: read the first member
+        import dataclasses
+
+        from .model import member_config
+
+        n = trained.config.ensemble
+        print(f"rnnmath: {args.model} is an ensemble of {n}; inspect reads its member 1 (seed "
+              f"{trained.config.seed}): the probabilities shown are that member's, not the ensemble's",
+              file=sys.stderr)
+        trained = dataclasses.replace(trained, model=trained.model.members[0],
+                                      config=member_config(trained.config, 0))
+        directory = f"{args.model} (member 1 of the ensemble of {n})"
     reading = flow.read_sentence(trained, text)
     history = Path(args.model) / HISTORY
     try:
         accuracy = json.loads(history.read_text(encoding="utf-8")).get("test", {}).get("accuracy")
     except (OSError, ValueError, AttributeError):  # no history or no test part: the page says so
         accuracy = None
-    path = plots.write_reading_report(reading, args.out, {"directory": args.model, "cell": trained.config.cell,
+    path = plots.write_reading_report(reading, args.out, {"directory": directory, "cell": trained.config.cell,
                                                           "test_accuracy": accuracy})
     if args.json:
         print(json.dumps({**reading.to_json(), "report": readable(path)}, ensure_ascii=False))

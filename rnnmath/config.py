@@ -69,8 +69,10 @@ class Config:
     ngram_dim: int = field(default=64, metadata=_flag("size of a bag of word uni- and bigram embeddings, averaged "
                                                      "over the sentence and set beside the recurrent features "
                                                      "(fastText, Joulin et al. 2017); 0 for none", 0, 65536))
-    ngram_buckets: int = field(default=100_000, metadata=_flag("hash buckets of the word bigrams of the n-gram "
+    ngram_buckets: int = field(default=20_000, metadata=_flag("hash buckets of the word bigrams of the n-gram "
                                                                "bag", 1, 100_000_000))
+    ensemble: int = field(default=1, metadata=_flag("train N networks, member k from seed + k, and average "
+                                                    "their probabilities (one model directory)", 1, 64))
     vocab_size: int = field(default=5000, metadata=_flag("the N most frequent training words kept (plus PAD "
                                                          "and UNK)", 1, 10_000_000))
     max_len: int = field(default=50, metadata=_flag("words kept per sentence; the rest are cut", 1, 100_000))

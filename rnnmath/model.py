@@ -33,6 +33,12 @@ Model directory (every file written atomically; nothing is ever pickled)::
                        when evaluated sentences were trained on
     checkpoint.safetensors  the last epoch's weights, Adam state, RNG state and (in its metadata, as JSON)
                        the loop's scalars, for ``--resume``
+
+An ensemble (``ensemble`` N > 1 in config.json) is one such directory: model.safetensors holds the N members'
+weights under ``members.<k>.`` (k = 0 .. N-1; member k was trained from seed ``seed + k``), history.json their
+histories under "members" and the ensemble's own validation accuracy. While it trains, member k's run lives in
+``members/<k>/`` (a model directory of its own, with its checkpoint); those are removed once the ensemble's
+weights are written. Probabilities are the mean of the members' (``Ensemble``).
 """
 
 from __future__ import annotations
@@ -160,6 +166,44 @@ class Classifier(nn.Module):
         return torch.cat(parts) if parts else torch.zeros(0, self.out.out_features)
 
 
+class Ensemble(nn.Module):
+    """N classifiers of one config, member k initialised from seed ``seed + k``; the ensemble's probability
+    is the mean of the members' probabilities (Lakshminarayanan et al. 2017, "Simple and Scalable Predictive
+    Uncertainty Estimation using Deep Ensembles"), returned as a log-probability like ``Classifier``'s::
+
+        log p(class) = logsumexp_k(log p_k(class)) - log N                           # (B, C)
+    """
+
+    def __init__(self, config: Config, vocab_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(Classifier(member_config(config, k), vocab_size, num_classes)
+                                     for k in range(config.ensemble))
+
+    @property
+    def out(self) -> nn.Linear:
+        """The first member's output layer (log_probs reads its number of classes for an empty input)."""
+        return self.members[0].out
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        log_p = torch.stack([member(ids, lengths) for member in self.members])  # (N, B, C)
+        return torch.logsumexp(log_p, dim=0) - math.log(len(self.members))  # (B, C)
+
+    log_probs = Classifier.log_probs
+
+
+def member_config(config: Config, k: int) -> Config:
+    """The config of member k of an ensemble: a single network from seed ``seed + k``."""
+    return dataclasses.replace(config, ensemble=1, seed=config.seed + k)
+
+
+def build_model(config: Config, vocab_size: int, num_classes: int) -> Classifier | Ensemble:
+    """A ``Classifier``, or an ``Ensemble`` when ``config.ensemble`` > 1."""
+    if config.ensemble > 1:
+        return Ensemble(config, vocab_size, num_classes)
+    return Classifier(config, vocab_size, num_classes)
+
+
 def trim(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """Drop the padding columns that no sentence of the batch reaches (keeping at least one): the math is
     unchanged, and the time loop gets shorter."""
@@ -172,6 +216,7 @@ CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT = (
     "config.json", "vocab.json", "labels.json", "model.safetensors", "history.json", "checkpoint.safetensors",
     "split.json")
 RUN_FILES = (CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT)  # what --overwrite removes
+MEMBERS = "members"  # an ensemble's member runs while it trains (--overwrite removes it too)
 
 
 @dataclass
@@ -181,7 +226,7 @@ class TrainedModel:
     config: Config
     vocab: Vocabulary
     labels: list[str]
-    model: Classifier
+    model: Classifier | Ensemble
 
     def predict(self, texts: list[str]) -> Tensor:
         """Probabilities (N, C) of ``texts``, columns in the order of ``labels``."""
@@ -213,7 +258,7 @@ def read_json(path: Path, kind: str) -> dict:
 
 
 # the value a field had before it existed: a model saved then lacks the field and is rebuilt as it was trained
-LEGACY = {"embedding_dim": 0, "ngram_dim": 0, "embeddings": "", "freeze_embeddings": False}
+LEGACY = {"embedding_dim": 0, "ngram_dim": 0, "embeddings": "", "freeze_embeddings": False, "ensemble": 1}
 
 
 def config_from_dict(values: Any, source: str) -> Config:
@@ -244,7 +289,7 @@ def check_size(config: Config, vocab_size: int, num_classes: int, source: str = 
     """A UserError if the classifier would have more than MAX_PARAMETERS parameters (counted on the meta
     device, which allocates nothing and draws no random numbers): a clear message, not an out-of-memory crash."""
     with torch.device("meta"):
-        count = sum(p.numel() for p in Classifier(config, vocab_size, num_classes).parameters())
+        count = sum(p.numel() for p in build_model(config, vocab_size, num_classes).parameters())
     if count > MAX_PARAMETERS:
         raise UserError(f"{source + ': ' if source else ''}the model would have {count:,} parameters "
                         f"({count * 4 / 2**30:.0f} GiB of weights), more than the {MAX_PARAMETERS:,} allowed; "
@@ -357,7 +402,7 @@ def load_weights(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> No
     model.load_state_dict({k: tensors[k] for k in expected})
 
 
-def save_weights(directory: Path, model: Classifier) -> None:
+def save_weights(directory: Path, model: nn.Module) -> None:
     write_safetensors(directory / WEIGHTS, "weights", model.state_dict())
 
 
@@ -387,8 +432,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Tra
     device = resolve_device(device)
     directory = Path(directory)
     config, vocab, labels = load_description(directory)
-    model = Classifier(config, len(vocab), len(labels))
+    model = build_model(config, len(vocab), len(labels))
     path = directory / WEIGHTS
+    if not path.is_file() and config.ensemble > 1 and (directory / MEMBERS).is_dir():
+        raise UserError(f"{path} is missing: the {config.ensemble} members of the ensemble in {directory} have "
+                        "not all finished training (see its members/); continue with --resume")
     if not path.is_file() and (directory / CONFIG).is_file():
         raise UserError(f"{path} is missing: training has not finished its first epoch in {directory}, "
                         "or the file was removed")

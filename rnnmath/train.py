@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -36,13 +37,18 @@ from .model import (
     CHECKPOINT,
     CONFIG,
     HISTORY,
+    MEMBERS,
     RUN_FILES,
     WEIGHTS,
     Classifier,
     Config,
+    Ensemble,
     check_size,
+    config_from_dict,
     load_description,
     load_weights,
+    member_config,
+    read_json,
     read_safetensors,
     resolve_device,
     save_description,
@@ -164,8 +170,14 @@ def train(
     ``device``: where the model trains (``"cpu"``, ``"cuda"``, ``"auto"``; see ``rnnmath.model.resolve_device``).
     Batches are drawn, and word dropout applied, on the CPU and then moved there, so the data order is the
     same on every device; dropout's random draws come from that device's generator.
+
+    With ``config.ensemble`` N > 1 (or when resuming such a run) see ``train_ensemble``.
     """
     out = Path(out)
+    saved = _saved_config(out) if resume else None
+    if (saved.ensemble if saved is not None else config.ensemble) > 1:
+        return train_ensemble(saved or config, train_set, val_set, out, resume=resume, progress=progress, log=log,
+                              on_start=on_start, overwrite=overwrite, on_ready=on_ready, device=device)
     device = resolve_device(device)
     if device.type != "cpu" and distributed.world_size() > 1:
         raise UserError(f"--device {device}: training on a GPU with several processes is not supported yet; "
@@ -178,49 +190,8 @@ def train(
     if resume and (out / CHECKPOINT).exists():
         config, vocab, labels = load_description(out)
     else:
-        if resume and not (out / CONFIG).exists():
-            raise UserError(f"--resume: {out} holds no run to resume; train without --resume first")
-        if not resume and not overwrite and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
-            raise UserError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
-                            "replace it, or another --out")
-        labels = sorted(set(train_set.labels))
-        if len(labels) < 2:
-            raise UserError(f"{train_set.source}: the training data has a single class {labels[0]!r}; "
-                            "expected at least two labels")
-        vocab = Vocabulary.build(train_set.texts, config.vocab_size)
-        if config.embeddings:  # read (and check) before anything is written; the embedding takes their size
-            from .embeddings import coverage_line, initialise_embeddings, vector_size
-
-            size = vector_size(config.embeddings)
-            pretrained = torch.full((len(vocab), size), math.nan)  # (V, E): NaN rows are not in the file
-            coverage = initialise_embeddings(pretrained, vocab, train_set.texts, config.embeddings)
-            if size != config.embedding_dim and log:
-                log(f"--embeddings {config.embeddings}: {size}-dimensional vectors, so --embedding-dim {size}")
-            if log:
-                log(coverage_line(config.embeddings, coverage))
-            config = dataclasses.replace(config, embedding_dim=size)
-        check_size(config, len(vocab), len(labels))
-        distributed.barrier()  # every process has checked --out before rank 0 writes to it
-        if distributed.is_main():
-            created = not out.exists()
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"--out {readable(out)}: cannot be written ({e.strerror})") from None
-            if overwrite:  # only now: a mistake caught above leaves the old run whole
-                for name in RUN_FILES:
-                    (out / name).unlink(missing_ok=True)
-            try:
-                save_description(out, config, vocab, labels)
-                if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
-                    on_start(out)
-            except BaseException:  # no half-written run: a directory with config.json but no split record
-                for name in RUN_FILES:
-                    (out / name).unlink(missing_ok=True)
-                if created:
-                    with contextlib.suppress(OSError):
-                        out.rmdir()
-                raise
+        config, vocab, labels, pretrained, coverage = _start(config, train_set, out, resume, overwrite, on_start,
+                                                             log)
     if distributed.is_main():  # the temporary files of a run killed while writing (see atomic_write)
         for litter in [*out.glob(".*.json.*.tmp"), *out.glob(".*.safetensors.*.tmp")]:
             litter.unlink(missing_ok=True)
@@ -323,6 +294,134 @@ def train(
                 log(f"epoch {epoch + 1}/{config.epochs}: loss {state['history'][-1]['train_loss']:.4f}, "
                     f"validation accuracy {accuracy:.4f}, elapsed {format_duration(elapsed)}{eta}")
     return _finish(state, log)
+
+
+def _saved_config(out: Path) -> Config | None:
+    """The config of the run in ``out``, or None if there is none."""
+    if not (out / CONFIG).exists():
+        return None
+    return config_from_dict(read_json(out / CONFIG, "config").get("config"), str(out / CONFIG))
+
+
+def train_ensemble(config: Config, train_set: Examples, val_set: Examples, out: Path, resume: bool = False,
+                   progress: bool = False, log: Callable[[str], None] | None = None,
+                   on_start: Callable[[Path], None] | None = None, overwrite: bool = False,
+                   on_ready: Callable[[], None] | None = None, device: str | torch.device = "cpu") -> dict:
+    """Train the ``config.ensemble`` = N members of an ensemble one after another and write them as one
+    model directory (see rnnmath.model, ``Ensemble``); return its history.
+
+    Member k is ``train`` with ``model.member_config(config, k)`` (seed ``seed + k``) on the same data, in
+    ``out/members/<k>/``. Once all are done their best weights go into ``out/model.safetensors`` under
+    ``members.<k>.``, the ensemble's validation accuracy and the members' histories into history.json, and
+    ``out/members`` is removed.
+
+    Resume: the members that finished are kept, the one that was stopped continues from its last
+    checkpoint (as ``train`` resumes), the others start; so a resumed ensemble ends with the same weights
+    as an uninterrupted one. Resuming a finished ensemble returns its history.
+
+    Histories: "members" holds each member's (epochs, best epoch, best validation accuracy);
+    "best_val_accuracy" is the ensemble's validation accuracy, "epochs" is empty and "best_epoch" None (the
+    members chose their epochs each).
+    """
+    if distributed.world_size() > 1:
+        raise UserError("--ensemble trains its members one after another in one process; leave out --workers "
+                        "(or torchrun)")
+    if resume and (out / CONFIG).exists():
+        config, vocab, labels = load_description(out)
+        if (out / WEIGHTS).exists() and (out / HISTORY).exists():
+            history = read_json(out / HISTORY, "history")
+            if history.get("done") and isinstance(history.get("members"), list):
+                if log:
+                    log(f"the ensemble in {readable(out)} had already finished; --resume has nothing to do")
+                return {k: history[k] for k in ("epochs", "best_epoch", "best_val_accuracy", "done", "members")}
+    else:
+        config, vocab, labels, _, _ = _start(config, train_set, out, resume, overwrite, on_start, log)
+    if on_ready is not None:
+        on_ready()
+    histories = []
+    for k in range(config.ensemble):
+        member_out = out / MEMBERS / str(k)
+        started = (member_out / CONFIG).exists()
+        member_log = None if log is None else (lambda line, k=k: log(f"member {k + 1}/{config.ensemble}: {line}"))
+        histories.append(train(member_config(config, k), train_set, val_set, member_out, resume=started,
+                               overwrite=not started, progress=progress, log=member_log, device=device))
+    tensors: dict[str, Tensor] = {}
+    for k in range(config.ensemble):
+        member_out = out / MEMBERS / str(k)
+        _, member_vocab, member_labels = load_description(member_out)
+        if member_vocab.words != vocab.words or member_labels != labels:
+            raise UserError(f"{member_out}: its vocabulary or labels differ from those of the ensemble in {out} "
+                            "(the training data changed); train again with --overwrite")
+        weights, _ = read_safetensors(member_out / WEIGHTS, "weights")
+        tensors.update({f"members.{k}.{name}": value for name, value in weights.items()})
+    model = Ensemble(config, len(vocab), len(labels))
+    load_weights(model, tensors, out / MEMBERS)
+    val_ids, val_lengths = encode(val_set.texts, vocab, config.max_len)
+    predicted = model.log_probs(val_ids, val_lengths).argmax(1)
+    accuracy = (predicted == label_indices(val_set, labels)).double().mean().item()
+    history = {"epochs": [], "best_epoch": None, "best_val_accuracy": accuracy, "done": True,
+               "members": [{"seed": config.seed + k, "epochs": len(h["epochs"]), "best_epoch": h["best_epoch"],
+                            "best_val_accuracy": h["best_val_accuracy"]} for k, h in enumerate(histories)]}
+    save_weights(out, model)
+    write_json(out / HISTORY, "history", **history)  # the commit point: a resume now returns this history
+    shutil.rmtree(out / MEMBERS)
+    if log:
+        log(f"ensemble of {config.ensemble}: validation accuracy {accuracy:.4f} (members: "
+            + ", ".join(f"{h['best_val_accuracy']:.4f}" for h in histories) + ")")
+    return history
+
+
+def _start(config: Config, train_set: Examples, out: Path, resume: bool, overwrite: bool,
+           on_start: Callable[[Path], None] | None, log: Callable[[str], None] | None):
+    """The checks and files of a fresh run: labels, vocabulary, --embeddings, size; then config.json,
+    vocab.json, labels.json and the caller's files in ``out``. Returns (config, vocab, labels, pretrained
+    rows (V, E) with NaN rows for words not in the file or None, coverage or None)."""
+    pretrained = coverage = None
+    if resume and not (out / CONFIG).exists():
+        raise UserError(f"--resume: {out} holds no run to resume; train without --resume first")
+    if not resume and not overwrite and any((out / name).exists() for name in (CONFIG, WEIGHTS, CHECKPOINT)):
+        raise UserError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
+                        "replace it, or another --out")
+    labels = sorted(set(train_set.labels))
+    if len(labels) < 2:
+        raise UserError(f"{train_set.source}: the training data has a single class {labels[0]!r}; "
+                        "expected at least two labels")
+    vocab = Vocabulary.build(train_set.texts, config.vocab_size)
+    if config.embeddings:  # read (and check) before anything is written; the embedding takes their size
+        from .embeddings import coverage_line, initialise_embeddings, vector_size
+
+        size = vector_size(config.embeddings)
+        pretrained = torch.full((len(vocab), size), math.nan)  # (V, E): NaN rows are not in the file
+        coverage = initialise_embeddings(pretrained, vocab, train_set.texts, config.embeddings)
+        if size != config.embedding_dim and log:
+            log(f"--embeddings {config.embeddings}: {size}-dimensional vectors, so --embedding-dim {size}")
+        if log:
+            log(coverage_line(config.embeddings, coverage))
+        config = dataclasses.replace(config, embedding_dim=size)
+    check_size(config, len(vocab), len(labels))
+    distributed.barrier()  # every process has checked --out before rank 0 writes to it
+    if distributed.is_main():
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {readable(out)}: cannot be written ({e.strerror})") from None
+        if overwrite:  # only now: a mistake caught above leaves the old run whole
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / MEMBERS, ignore_errors=True)  # an ensemble's unfinished member runs
+        try:
+            save_description(out, config, vocab, labels)
+            if on_start is not None:  # files of the caller's that belong to the run (the CLI's split record)
+                on_start(out)
+        except BaseException:  # no half-written run: a directory with config.json but no split record
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+    return config, vocab, labels, pretrained, coverage
 
 
 def check_finite(model: Classifier, where: str, out: Path) -> None:

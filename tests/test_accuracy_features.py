@@ -207,3 +207,87 @@ def test_one_hot_rows_give_the_same_output_and_word_gradients():
         assert x.grad[0, :3].abs().sum() > 0 and x.grad[0, 3].abs().sum() == 0  # padding gets no gradient
         half = model(0.5 * x.detach(), lengths)  # a point of integrated gradients' path: finite, different
         assert torch.isfinite(half).all() and not torch.allclose(half, model(ids, lengths))
+
+
+# -- --ensemble N ------------------------------------------------------------------------------------------
+ENSEMBLE_RUN = [*TINY, "--threads", "1", "--seed", "5", "--ngram-buckets", "500"]
+
+
+def test_ensemble_probabilities_are_the_mean_of_its_members(train_file, tmp_path, capsys):
+    from rnnmath.model import Ensemble, held_out, member_config
+    from rnnmath.train import train
+
+    out = tmp_path / "ens"
+    code, stdout, err = run(capsys, "train", "--data", str(train_file), "--out", str(out), *ENSEMBLE_RUN,
+                            "--ensemble", "3")
+    assert code == 0, err
+    assert "trained an ensemble of 3" in stdout and "member 3/3: epoch 2/2" in err
+    assert not (out / "members").exists()  # the member runs are removed once their weights are in one file
+    trained = load_model(out)
+    assert isinstance(trained.model, Ensemble) and len(trained.model.members) == 3
+    texts = data.make_order_task(20, seed=9).texts
+    ids, lengths = data.encode(texts, trained.vocab, trained.config.max_len)
+    members = torch.stack([m.log_probs(ids, lengths).exp() for m in trained.model.members])  # (3, N, C)
+    torch.testing.assert_close(trained.predict(texts), members.mean(0), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(members[0], members[1])  # different seeds, different networks
+    history = json.loads((out / "history.json").read_text())
+    assert [m["seed"] for m in history["members"]] == [5, 6, 7] and history["done"]
+    assert "accuracy" in history["test"]
+
+    # member k is the single network of seed 5 + k: one network of seed 6 on the same parts has member 1's weights
+    single = tmp_path / "single"
+    train(member_config(trained.config, 1), held_out(out, "train"), held_out(out, "val"), single)
+    one = load_model(single)
+    assert one.config.seed == 6 and one.config.ensemble == 1
+    for name, value in one.model.state_dict().items():
+        assert torch.equal(value, trained.model.members[1].state_dict()[name]), name
+
+    # predict, evaluate and inspect read the one directory
+    code, stdout, err = run(capsys, "predict", str(out), "--json", texts[0])
+    assert code == 0, err
+    probabilities = json.loads(stdout)["probabilities"]
+    assert math.isclose(sum(probabilities.values()), 1.0, rel_tol=1e-5)
+    assert math.isclose(probabilities[trained.labels[0]], float(members.mean(0)[0, 0]), rel_tol=1e-5)
+    code, stdout, err = run(capsys, "evaluate", str(out), "--split", "test", "--json")
+    assert code == 0, err
+    assert math.isclose(json.loads(stdout)["accuracy"], history["test"]["accuracy"])
+    code, stdout, err = run(capsys, "inspect", str(out), texts[0], "--out", str(tmp_path / "report"))
+    assert code == 0, err
+    assert "inspect reads its member 1" in err and (tmp_path / "report" / "report.html").is_file()
+
+
+def test_ensemble_resumed_after_a_stop_equals_an_uninterrupted_one(train_file, tmp_path, capsys, monkeypatch):
+    from rnnmath import train as trainmod
+    from rnnmath.errors import Interrupted
+
+    whole = tmp_path / "whole"
+    code, _, err = run(capsys, "train", "--data", str(train_file), "--out", str(whole), *ENSEMBLE_RUN,
+                       "--ensemble", "2")
+    assert code == 0, err
+    original = trainmod.train
+
+    def stop_at_member_1(config, train_set, val_set, out, **kwargs):
+        if Path(out).name == "1" and Path(out).parent.name == "members":
+            raise Interrupted("stopped before member 2")
+        return original(config, train_set, val_set, out, **kwargs)
+
+    monkeypatch.setattr(trainmod, "train", stop_at_member_1)
+    stopped = tmp_path / "stopped"
+    code, _, err = run(capsys, "train", "--data", str(train_file), "--out", str(stopped), *ENSEMBLE_RUN,
+                       "--ensemble", "2")
+    assert code == 130 and "stopped before member 2" in err
+    assert (stopped / "members" / "0" / "model.safetensors").is_file() and not (stopped / "model.safetensors").exists()
+    code, _, err = run(capsys, "predict", str(stopped), "a b")
+    assert code == 2 and "have not all finished training" in err and "--resume" in err
+    monkeypatch.setattr(trainmod, "train", original)
+    code, _, err = run(capsys, "train", "--data", str(train_file), "--out", str(stopped), "--resume",
+                       "--threads", "1")
+    assert code == 0, err
+    assert "member 1/2: epoch" not in err  # the finished member was kept, not trained again
+    assert (stopped / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    code, stdout, err = run(capsys, "train", "--data", str(train_file), "--out", str(stopped), "--resume",
+                            "--threads", "1")  # a finished ensemble: nothing to do
+    assert code == 0 and "member" not in err and "trained an ensemble of 2" in stdout, err
+    examples = data.read_examples(train_file)
+    with pytest.raises(UserError, match="holds no run to resume"):
+        trainmod.train(Config(ensemble=2), examples, examples, tmp_path / "nothing", resume=True)
