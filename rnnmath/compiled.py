@@ -49,6 +49,8 @@ import os
 import time
 import warnings
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,22 @@ min_calls: int = 3
 """Compile a cell's step for a batch size on its ``min_calls``-th call with it (and its projection on its
 ``min_calls``-th call); earlier calls take the cell's other paths. One-off shapes (a last partial batch, a single
 prediction) then never pay seconds of compilation."""
+
+
+@contextmanager
+def by_shape() -> Iterator[None]:
+    """Within it, a layer chooses its path by the shapes alone, not by how often this process has called it:
+    :data:`min_calls` is 1, so a batch size compiles on its first call instead of its third. Training loops run
+    under it, because a run resumed in a new process would otherwise take another path for its first batches
+    than the uninterrupted run did, and its weights would differ in the last bits (different, equally exact
+    roundings): ``--resume`` could not end with the same files."""
+    global min_calls
+    saved, min_calls = min_calls, 1
+    try:
+        yield
+    finally:
+        min_calls = saved
+
 
 COMPILE_SECONDS: dict[str, float] = {}
 """Seconds spent tracing and compiling, per cell class and shapes (e.g. ``"LayerNormLSTMCell B=64 H=256 ..."``)."""

@@ -37,7 +37,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import CELLS, Recurrent
+from . import CELLS, Recurrent, compiled
 from .errors import UserError
 from .lm_config import LM_PRESETS, LMConfig  # noqa: F401  (LM_PRESETS re-exported: part of this API)
 from .model import (
@@ -191,23 +190,6 @@ def detach(state):
     return state.detach() if isinstance(state, Tensor) else tuple(s.detach() for s in state)
 
 
-@contextmanager
-def path_by_shape():
-    """Within it, the layers choose their loop (rnnmath.compiled's generic path or another) by the shapes alone,
-    not by how often this process has called them: ``rnnmath.compiled.min_calls`` is 1, so a shape compiles on
-    its first call instead of its third. Otherwise a run resumed in a new process would read its first windows
-    on another path than the uninterrupted run did, and its weights would differ in the last bits (different,
-    equally exact roundings), so --resume could not give the same files."""
-    from . import compiled
-
-    saved = compiled.min_calls
-    compiled.min_calls = 1
-    try:
-        yield
-    finally:
-        compiled.min_calls = saved
-
-
 # -- batches -----------------------------------------------------------------------------------------------
 def tbptt_batches(ids: Tensor, batch_size: int, bptt: int) -> Iterator[tuple[Tensor, Tensor]]:
     """The windows of truncated BPTT over one text.
@@ -247,7 +229,7 @@ def evaluate(model: nn.Module, ids: Tensor, window: int = 256) -> dict:
     stream = ids.view(-1, 1)  # (N, 1)
     stream = stream.to(next(model.parameters()).device)  # the model's device (ids may come from the CPU)
     state, total = None, 0.0
-    with path_by_shape():  # the same loss for the same model, however often the process has run it
+    with compiled.by_shape():  # the same loss for the same model, however often the process has run it
         for i in range(0, stream.shape[0] - 1, window):
             y = stream[i + 1 : i + 1 + window]  # (T, 1)
             logits, state = model(stream[i : i + y.shape[0]], state)  # (T, 1, V)
@@ -582,7 +564,7 @@ def train_lm(
             log(f"epoch {epoch}, window {window}/{W}: training loss {train_loss:.4f}{val} nats/token "
                 f"({seconds:.0f} s)")
 
-    with _StopOnCtrlC() as ctrl_c, bar, path_by_shape():
+    with _StopOnCtrlC() as ctrl_c, bar, compiled.by_shape():
         while state["epoch"] < config.epochs and not state["done"]:
             epoch = state["epoch"] + 1
             for group in optimizer.param_groups:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from . import distributed
+from . import compiled, distributed
 from .common import classification_metrics, format_duration, readable  # noqa: F401  (classification_metrics re-exported)
 from .data import Examples, Vocabulary, encode, tokenize
 from .errors import Interrupted, UserError  # noqa: F401  (Interrupted re-exported)
@@ -230,7 +230,7 @@ def train(
     bar = tqdm(total=config.epochs * batches_per_epoch, initial=state["epoch"] * batches_per_epoch + state["batch"],
                disable=not progress, unit="batch", dynamic_ncols=True, leave=False)
     started, first_epoch = time.perf_counter(), state["epoch"]  # for the elapsed time and ETA of the log
-    with _StopOnCtrlC(enabled=distributed.world_size() == 1) as ctrl_c, bar:
+    with _StopOnCtrlC(enabled=distributed.world_size() == 1) as ctrl_c, bar, compiled.by_shape():
         while state["epoch"] < config.epochs and not state["done"]:
             epoch = state["epoch"]
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
