@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -932,12 +933,17 @@ def add_serve_parser(subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _optional_module(name: str):
+    """Import rnnmath.<name>, whose command needs the optional extra of the same name."""
     try:
-        from . import serve
+        return importlib.import_module(f"{__package__}.{name}")
     except ImportError as e:
-        raise UserError(f"rnnmath serve needs the 'serve' extra ({e.name} is not installed): "
-                        "pip install 'rnnmath[serve]'") from None
+        raise UserError(f"rnnmath {name} needs the '{name}' extra ({e.name} is not installed): "
+                        f"pip install 'rnnmath[{name}]'") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    serve = _optional_module("serve")
     import torch
 
     # measured (docs/serving.md): with 2 threads on a busy machine OpenMP stalls made batched passes ~30x
@@ -985,11 +991,7 @@ def add_export_parser(subparsers) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from . import export
-    except ImportError as e:
-        raise UserError(f"rnnmath export needs the 'export' extra ({e.name} is not installed): "
-                        "pip install 'rnnmath[export]'") from None
+    export = _optional_module("export")
     result = export.export_onnx(args.model, args.out)
     print(f"wrote {result.onnx} with {result.vocab} and {result.labels}; onnxruntime agrees with the model "
           f"within {result.max_difference:.1e} on {result.checked}")
