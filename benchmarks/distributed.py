@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from rnnmath.common import cpu_model
 from rnnmath.data import Vocabulary, encode, make_order_task
 from rnnmath.model import PRESETS, Classifier, trim
 
@@ -187,15 +188,6 @@ def main() -> int:
           f"{s['all_reduce_ms']:.2f} ms")
     return 0
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

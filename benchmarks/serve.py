@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from rnnmath.common import cpu_model
+
 
 def start_server(model: str, flags: list[str], threads: int) -> tuple[subprocess.Popen, int]:
     process = subprocess.Popen([sys.executable, "-m", "rnnmath", "serve", model, "--port", "0", "--threads",
@@ -140,7 +142,7 @@ def main() -> int:
             process.wait(timeout=60)
     rows.append({"setting": "one `rnnmath predict` process per request", **predict_baseline(
         args.model, texts, args.predict_calls, args.threads)})
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                "server_threads": args.threads, "load_average_before": load_before,
                "load_average_after": os.getloadavg(), "model": str(Path(args.model))}
     if args.json:
@@ -154,15 +156,6 @@ def main() -> int:
               f"{r['texts_per_pass']:.1f} | {r['answers']} ({r['errors']}) |")
     return 0
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

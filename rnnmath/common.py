@@ -7,6 +7,7 @@ No torch here: the CLI imports this module at start-up, and ``rnnmath --help`` m
 from __future__ import annotations
 
 import os
+import platform
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -154,3 +155,14 @@ def default_threads() -> int:
     except OSError:  # not available on this platform
         busy = 0.0
     return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform.processor()`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
