@@ -86,13 +86,23 @@ def run_ours(config, fit, val, test) -> dict:
         history = train(config, fit, val, out)
         seconds = time.perf_counter() - start
         trained = load_model(out)
+        truth = label_indices(test, trained.labels).tolist()
         predicted = trained.predict(test.texts).argmax(1)
-        metrics = classification_metrics(label_indices(test, trained.labels).tolist(), predicted.tolist(),
-                                         trained.labels)
+        metrics = classification_metrics(truth, predicted.tolist(), trained.labels)
+        parts = {}
+        if trained.wide is not None:  # each half alone on the same test part: the network (λ 0), the wide part (λ 1)
+            for name, weight in (("network", 0.0), ("wide", 1.0)):
+                alone = classification_metrics(truth, trained.predict(test.texts, weight).argmax(1).tolist(),
+                                               trained.labels)
+                parts[name] = {"accuracy": alone["accuracy"], "macro_f1": alone["macro_f1"]}
+    wide = history.get("wide")
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds,
+            **({"parts": parts} if parts else {}),
             "chosen": {"best_epoch": history["best_epoch"], "epochs": len(history["epochs"]),
                        "val_accuracy": history["best_val_accuracy"],
-                       **({"members": history["members"]} if "members" in history else {})}}
+                       **({"members": history["members"]} if "members" in history else {}),
+                       **({"wide": {k: wide[k] for k in ("C", "weight", "features", "val_accuracy")}} if wide
+                          else {})}}
 
 
 def run_tfidf(fit, val, test) -> dict:
@@ -241,7 +251,9 @@ def main() -> None:
                 label = args.name if system == "ours" else system
                 rows.append({"dataset": name, "split": k, "system": label, **result})
                 print(f"{name} split {k} {label}: accuracy {result['accuracy']:.4f} macro-F1 "
-                      f"{result['macro_f1']:.4f} {result['seconds']:.1f} s {result['chosen']}", file=sys.stderr)
+                      f"{result['macro_f1']:.4f} {result['seconds']:.1f} s {result['chosen']} "
+                      f"{result.get('parts', '')}",
+                      file=sys.stderr)
     report = {"runs": rows, "preset": args.preset, "overrides": overrides, "config": dataclasses.asdict(config),
               "machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

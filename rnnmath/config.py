@@ -71,6 +71,9 @@ class Config:
                                                      "(fastText, Joulin et al. 2017); 0 for none", 0, 65536))
     ngram_buckets: int = field(default=20_000, metadata=_flag("hash buckets of the word bigrams of the n-gram "
                                                                "bag", 1, 100_000_000))
+    wide: bool = field(default=True, metadata=_flag("add a wide part: logistic regression on TF-IDF word 1-2-grams, "
+                                                     "its C and its weight against the network chosen on the "
+                                                     "validation set (rnnmath.wide)"))
     ensemble: int = field(default=1, metadata=_flag("train N networks, member k from seed + k, and average "
                                                     "their probabilities (one model directory)", 1, 64))
     vocab_size: int = field(default=5000, metadata=_flag("the N most frequent training words kept (plus PAD "
@@ -128,5 +131,5 @@ PRESETS: dict[str, Config] = {
     # the seed: one-hot over 400 words (+ PAD, UNK), tanh RNN of state 3, tanh dense 4 and 6, softmax over 2
     "seed": Config(cell="rnn", hidden=3, layers=1, bidirectional=False, pooling="last", dense=(4, 6),
                    activation="tanh", dropout=0.0, vocab_size=400, max_len=30, epochs=60, lr=0.05,
-                   patience=15, ngram_dim=0),
+                   patience=15, ngram_dim=0, wide=False),
 }

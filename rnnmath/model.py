@@ -65,6 +65,7 @@ from .common import json_bytes, readable
 from .config import ACTIVATION_NAMES, POOLINGS, PRESETS, Config  # noqa: F401  (re-exported)
 from .data import Examples, Vocabulary, atomic_write, encode, read_examples, sentence_key
 from .errors import UserError
+from .wide import LinearPart, Tfidf, WidePart, mix
 
 FORMAT_VERSION = 1
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}  # the names are config.ACTIVATION_NAMES
@@ -193,8 +194,9 @@ class Ensemble(nn.Module):
 
 
 def member_config(config: Config, k: int) -> Config:
-    """The config of member k of an ensemble: a single network from seed ``seed + k``."""
-    return dataclasses.replace(config, ensemble=1, seed=config.seed + k)
+    """The config of member k of an ensemble: a single network from seed ``seed + k``, without the wide part
+    (the ensemble has one, fitted once its members are trained)."""
+    return dataclasses.replace(config, ensemble=1, seed=config.seed + k, wide=False)  # one wide part, the ensemble's
 
 
 def build_model(config: Config, vocab_size: int, num_classes: int) -> Classifier | Ensemble:
@@ -212,10 +214,10 @@ def trim(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # -- the model directory -----------------------------------------------------------------------------------
-CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT = (
+CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT, WIDE, WIDE_WEIGHTS = (
     "config.json", "vocab.json", "labels.json", "model.safetensors", "history.json", "checkpoint.safetensors",
-    "split.json")
-RUN_FILES = (CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT)  # what --overwrite removes
+    "split.json", "wide.json", "wide.safetensors")
+RUN_FILES = (CONFIG, VOCAB, LABELS, WEIGHTS, HISTORY, CHECKPOINT, SPLIT, WIDE, WIDE_WEIGHTS)  # what --overwrite removes
 MEMBERS = "members"  # an ensemble's member runs while it trains (--overwrite removes it too)
 
 
@@ -227,12 +229,18 @@ class TrainedModel:
     vocab: Vocabulary
     labels: list[str]
     model: Classifier | Ensemble
+    wide: WidePart | None = None  # with config.wide: the TF-IDF logistic regression and its weight λ
 
-    def predict(self, texts: list[str]) -> Tensor:
-        """Probabilities (N, C) of ``texts``, columns in the order of ``labels``."""
+    def predict(self, texts: list[str], weight: float | None = None) -> Tensor:
+        """Probabilities (N, C) of ``texts``, columns in the order of ``labels``: the network's, mixed with the
+        wide part's by ``rnnmath.wide.mix`` at the chosen λ (``weight`` overrides it: 0 is the network alone,
+        1 the wide part alone)."""
         ids, lengths = encode(texts, self.vocab, self.config.max_len)
         device = self.model.out.weight.device
-        return self.model.log_probs(ids.to(device), lengths.to(device)).exp().cpu()
+        log_p = self.model.log_probs(ids.to(device), lengths.to(device)).cpu()  # (N, C)
+        if self.wide is not None:
+            log_p = mix(log_p, self.wide.log_probs(texts), self.wide.weight if weight is None else weight)
+        return log_p.exp()
 
 
 def write_json(path: Path, kind: str, **content: Any) -> None:
@@ -258,7 +266,8 @@ def read_json(path: Path, kind: str) -> dict:
 
 
 # the value a field had before it existed: a model saved then lacks the field and is rebuilt as it was trained
-LEGACY = {"embedding_dim": 0, "ngram_dim": 0, "embeddings": "", "freeze_embeddings": False, "ensemble": 1}
+LEGACY = {"embedding_dim": 0, "ngram_dim": 0, "embeddings": "", "freeze_embeddings": False, "ensemble": 1,
+          "wide": False}
 
 
 def config_from_dict(values: Any, source: str) -> Config:
@@ -426,9 +435,10 @@ def resolve_device(name: str | torch.device = "cpu") -> torch.device:
     return device
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """Rebuild the trained classifier from a model directory (config, vocabulary, labels, weights), on
-    ``device`` (see ``resolve_device``)."""
+def load_model(directory: str | Path, device: str | torch.device = "cpu", with_wide: bool = True) -> TrainedModel:
+    """Rebuild the trained classifier from a model directory (config, vocabulary, labels, weights, and the
+    wide part where the config has one, unless ``with_wide`` is False), on ``device`` (see ``resolve_device``;
+    the wide part stays on the CPU)."""
     device = resolve_device(device)
     directory = Path(directory)
     config, vocab, labels = load_description(directory)
@@ -443,7 +453,46 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Tra
     tensors, _ = read_safetensors(path, "weights")
     load_weights(model, tensors, path)
     model.to(device).eval()
-    return TrainedModel(config, vocab, labels, model)
+    wide = load_wide(directory, len(labels)) if config.wide and with_wide else None
+    return TrainedModel(config, vocab, labels, model, wide)
+
+
+def save_wide(directory: Path, part: WidePart, record: dict) -> None:
+    """Write wide.safetensors (idf (F,) float64, W (F, C), b (C,)) and then wide.json (the F feature names in
+    the order of idf's rows, C, λ, and ``record``: how they were chosen). wide.json last: it is what
+    ``load_wide`` asks for first, so a run stopped between the two writes has no half wide part."""
+    write_safetensors(directory / WIDE_WEIGHTS, "wide", {"idf": part.tfidf.idf, **part.linear.state_dict()})
+    write_json(directory / WIDE, "wide", features=part.tfidf.features, C=part.C, weight=part.weight,
+               ngram_range=[1, 2], choice=record)
+
+
+def load_wide(directory: Path, num_classes: int) -> WidePart:
+    """The wide part saved by ``save_wide``; a UserError naming the file if it is missing or does not match."""
+    path = directory / WIDE
+    if not path.is_file():
+        raise UserError(f"{path} is missing: config.json asks for the wide part (\"wide\": true), which training "
+                        "writes after the network's last epoch; continue with --resume, or the file was removed")
+    document = read_json(path, "wide")
+    features, weight, C = document.get("features"), document.get("weight"), document.get("C")
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features) \
+            or not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight <= 1 \
+            or not isinstance(C, (int, float)) or isinstance(C, bool):
+        raise UserError(f"{path}: expected \"features\" (a list of strings), \"weight\" in [0, 1] and \"C\"; "
+                        "the model directory is damaged")
+    tensors, _ = read_safetensors(directory / WIDE_WEIGHTS, "wide")
+    F_, shapes = len(features), {"idf": (len(features),), "weight": (len(features), num_classes),
+                                 "bias": (num_classes,)}
+    for name, shape in shapes.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            raise UserError(f"{directory / WIDE_WEIGHTS}: expected {name} of shape {shape} for the {F_} features "
+                            f"of {path} and {num_classes} labels; the model directory is damaged")
+    try:
+        tfidf = Tfidf(features, tensors["idf"])
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; the model directory is damaged") from None
+    linear = LinearPart(F_, num_classes)
+    linear.load_state_dict({"weight": tensors["weight"].float(), "bias": tensors["bias"].float()})
+    return WidePart(tfidf, linear, float(weight), float(C))
 
 
 # -- the split record --------------------------------------------------------------------------------------

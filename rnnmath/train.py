@@ -40,12 +40,14 @@ from .model import (
     MEMBERS,
     RUN_FILES,
     WEIGHTS,
+    WIDE,
     Classifier,
     Config,
     Ensemble,
     check_size,
     config_from_dict,
     load_description,
+    load_model,
     load_weights,
     member_config,
     read_json,
@@ -53,10 +55,12 @@ from .model import (
     resolve_device,
     save_description,
     save_weights,
+    save_wide,
     trim,
     write_json,
     write_safetensors,
 )
+from .wide import choose
 
 # -- metrics: rnnmath.common.classification_metrics (re-exported here) --------------------------------
 
@@ -154,6 +158,59 @@ def train(
 ) -> dict:
     """Train a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``; write the model
     directory ``out`` (see rnnmath.model) and return its history.
+
+    First the network (``train_network``: every argument is described there); then, where the run's config
+    has ``wide``, the wide part (``fit_wide``).
+    """
+    history = train_network(config, train_set, val_set, out, resume=resume, progress=progress, log=log,
+                            on_start=on_start, overwrite=overwrite, on_ready=on_ready, device=device)
+    out = Path(out)
+    if distributed.is_main() and _saved_config(out).wide:
+        history = fit_wide(out, train_set, val_set, history, log)
+    return history
+
+
+def fit_wide(out: Path, train_set: Examples, val_set: Examples, history: dict,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Fit the wide part of the finished run in ``out`` (``rnnmath.wide.choose``: TF-IDF logistic regression
+    on ``train_set``, its C and its weight λ against the network chosen on ``val_set``), write wide.json and
+    wide.safetensors, add the choice to history.json under "wide" and return the history. A run whose wide
+    part is already there (resumed after it finished) keeps it."""
+    if (out / WIDE).exists() and (out / HISTORY).exists():
+        saved = read_json(out / HISTORY, "history")
+        if isinstance(saved.get("wide"), dict):
+            return {**history, "wide": saved["wide"]}
+    trained = load_model(out, with_wide=False)
+    val_ids, val_lengths = encode(val_set.texts, trained.vocab, trained.config.max_len)
+    network_val = trained.model.log_probs(val_ids, val_lengths)  # (N_val, C)
+    part, record = choose(train_set.texts, label_indices(train_set, trained.labels), val_set.texts,
+                          label_indices(val_set, trained.labels), network_val, len(trained.labels))
+    record["network_val_accuracy"] = history["best_val_accuracy"]
+    save_wide(out, part, record)
+    history = {**history, "wide": record}
+    write_json(out / HISTORY, "history", **history)
+    if log:
+        log(f"wide part: TF-IDF logistic regression on {record['features']:,} word 1-2-grams, C {part.C:g}; "
+            f"weight {part.weight:g} against the network; validation accuracy {record['val_accuracy']:.4f} "
+            f"(the network alone {history['best_val_accuracy']:.4f})")
+    return history
+
+
+def train_network(
+    config: Config,
+    train_set: Examples,
+    val_set: Examples,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    on_start: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Train the network of a classifier on ``train_set``, choosing the epoch by accuracy on ``val_set``;
+    write the model directory ``out`` (see rnnmath.model) and return its history.
 
     ``on_start(out)`` is called once a fresh run has written its description, to add files of the caller's
     (the CLI writes split.json there). With ``overwrite`` a run already in ``out`` is replaced: its files
