@@ -668,7 +668,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {examples.labels[i]:<8}  {examples.texts[i]}")
     print(f"split {len(train_set)} train / {len(val)} validation / {len(test)} test (stratified, seed {args.seed})\n")
 
-    config = dataclasses.replace(PRESETS["default"], epochs=epochs, seed=args.seed, patience=epochs)
+    # the network alone (no wide part): the demo sets the recurrent network against a bag of words
+    config = dataclasses.replace(PRESETS["default"], epochs=epochs, seed=args.seed, patience=epochs, wide=False)
     with tempfile.TemporaryDirectory(prefix="rnnmath-demo-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "model"
         print(f"training the default model ({config.cell.upper()}, {config.hidden} units, "
@@ -835,6 +836,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         accuracy = None
     path = plots.write_reading_report(reading, args.out, {"directory": directory, "cell": trained.config.cell,
                                                           "test_accuracy": accuracy})
+    if trained.wide is not None and trained.wide.weight > 0:  # said once the report is there: errors come alone
+        print(f"rnnmath: {args.model} mixes its network with a wide part (TF-IDF logistic regression, weight "
+              f"{trained.wide.weight:g}); inspect reads the network: the probabilities shown are the network's "
+              "alone ('rnnmath predict' gives the model's)", file=sys.stderr)
     if args.json:
         print(json.dumps({**reading.to_json(), "report": readable(path)}, ensure_ascii=False))
     else:
@@ -982,6 +987,8 @@ def add_export_parser(subparsers) -> None:
                               description="Write a trained classifier as an ONNX graph: inputs ids int64 (B, T) "
                               "and lengths int64 (B,), output probabilities float32 (B, C), batch and time axes "
                               "dynamic; the vocabulary and labels go beside it (OUT.vocab.json, OUT.labels.json). "
+                              "A model with a wide part (--wide) takes its TF-IDF entries as two more inputs, grams "
+                              "and gram_weights (B, K), and writes its features and idf to OUT.wide.json. "
                               "The graph is checked with onnxruntime against the model before the command ends. "
                               "Needs the 'export' extra: pip install 'rnnmath[export]'. See docs/serving.md.")
     p.add_argument("model", metavar="DIR", help="model directory written by 'rnnmath train'")
@@ -993,7 +1000,8 @@ def add_export_parser(subparsers) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     export = _optional_module("export")
     result = export.export_onnx(args.model, args.out)
-    print(f"wrote {result.onnx} with {result.vocab} and {result.labels}; onnxruntime agrees with the model "
+    wide = f", {result.wide} (the wide part's inputs grams and gram_weights)" if result.wide else ""
+    print(f"wrote {result.onnx} with {result.vocab}{wide} and {result.labels}; onnxruntime agrees with the model "
           f"within {result.max_difference:.1e} on {result.checked}")
     return 0
 

@@ -438,7 +438,8 @@ def resolve_device(name: str | torch.device = "cpu") -> torch.device:
 def load_model(directory: str | Path, device: str | torch.device = "cpu", with_wide: bool = True) -> TrainedModel:
     """Rebuild the trained classifier from a model directory (config, vocabulary, labels, weights, and the
     wide part where the config has one, unless ``with_wide`` is False), on ``device`` (see ``resolve_device``;
-    the wide part stays on the CPU)."""
+    the wide part stays on the CPU). A run whose network has not finished has no wide part yet: it loads as
+    the network's best epoch so far."""
     device = resolve_device(device)
     directory = Path(directory)
     config, vocab, labels = load_description(directory)
@@ -453,8 +454,17 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", with_w
     tensors, _ = read_safetensors(path, "weights")
     load_weights(model, tensors, path)
     model.to(device).eval()
-    wide = load_wide(directory, len(labels)) if config.wide and with_wide else None
+    wide = load_wide(directory, len(labels)) if config.wide and with_wide and not _unfinished(directory) else None
     return TrainedModel(config, vocab, labels, model, wide)
+
+
+def _unfinished(directory: Path) -> bool:
+    """True for a run whose network has not finished training (stopped, or still running) and whose wide part
+    is therefore not there yet: it loads as the network so far, as before the wide part existed."""
+    if (directory / WIDE).exists():
+        return False
+    history = read_json(directory / HISTORY, "history") if (directory / HISTORY).exists() else {}
+    return not history.get("done")
 
 
 def save_wide(directory: Path, part: WidePart, record: dict) -> None:
@@ -471,7 +481,7 @@ def load_wide(directory: Path, num_classes: int) -> WidePart:
     path = directory / WIDE
     if not path.is_file():
         raise UserError(f"{path} is missing: config.json asks for the wide part (\"wide\": true), which training "
-                        "writes after the network's last epoch; continue with --resume, or the file was removed")
+                        "writes after the network's last epoch; finish the run with --resume, or the file was removed")
     document = read_json(path, "wide")
     features, weight, C = document.get("features"), document.get("weight"), document.get("C")
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features) \

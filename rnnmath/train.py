@@ -167,6 +167,7 @@ def train(
     out = Path(out)
     if distributed.is_main() and _saved_config(out).wide:
         history = fit_wide(out, train_set, val_set, history, log)
+    distributed.barrier()  # the other processes wait for rank 0's wide part: all leave the group together
     return history
 
 

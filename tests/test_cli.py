@@ -632,7 +632,7 @@ def test_inspect_on_chinese_text_warns_nothing(tmp_path, capsys):
     rows = [f"{t} {i}\t{y}" for i in range(10) for t, y in (("这部电影很好看", "pos"), ("这部电影很难看", "neg"))]
     (tmp_path / "zh.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     code, _, err = run(capsys, "train", "--data", str(tmp_path / "zh.tsv"), "--out", str(tmp_path / "m"), *TINY,
-                       "--quiet")
+                       "--quiet", "--no-wide")  # with a wide part, inspect says that it shows the network alone
     assert code == 0, err
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

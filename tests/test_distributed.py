@@ -121,7 +121,7 @@ def test_only_rank_0_writes(two_process_runs):
     rank1 = json.loads((two_process_runs / "writes-rank1.json").read_text())
     assert rank1 == []
     expected = {"config.json", "vocab.json", "labels.json", "model.safetensors", "history.json",
-                "checkpoint.safetensors"}
+                "checkpoint.safetensors", "wide.json", "wide.safetensors"}
     assert set(rank0) == expected
     assert rank0.count("checkpoint.safetensors") == 2 * CONFIG.epochs  # each epoch of each of the two runs
     for case in SIZES:
@@ -188,11 +188,12 @@ def test_a_failing_worker_is_named_and_the_run_resumes_exactly(corpus, uninterru
     history = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1]
     assert load_model(out).model is not None
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in uninterrupted.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in uninterrupted.iterdir()
+                                                          if p.name not in ("wide.json", "wide.safetensors"))
 
     resumed = rnnmath_train(corpus, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    for name in ("model.safetensors", "checkpoint.safetensors"):
+    for name in ("model.safetensors", "checkpoint.safetensors", "wide.safetensors"):
         a, b = load_file(uninterrupted / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 

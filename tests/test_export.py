@@ -6,7 +6,9 @@ Oracle: the PyTorch module the graph was exported from (and, for the classifier,
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 
 import pytest
 import torch
@@ -168,18 +170,52 @@ def test_rnnmath_export_equals_predict(model_dir, tmp_path, capsys):
 
     index = {w: i + vocab["first_word_id"] for i, w in enumerate(vocab["words"])}
     rows = [[index.get(w, vocab["unk_id"]) for w in tokenize(t)][: vocab["max_len"]] for t in texts]
+    # the wide part's inputs, by the rule in model.wide.json: TF-IDF of the word 1-2-grams of the whole text
+    wide = json.loads((tmp_path / "model.wide.json").read_text())
+    assert json.loads((model_dir / "wide.json").read_text())["weight"] > 0  # the wide part counts in this model
+    feature = {f: j for j, f in enumerate(wide["features"])}
+    entries = []
+    for t in texts:
+        words = tokenize(t)
+        counts = collections.Counter(g for g in words + [f"{a} {b}" for a, b in zip(words, words[1:])] if g in feature)
+        weights = {feature[g]: (1 + math.log(c)) * wide["idf"][feature[g]] for g, c in counts.items()}
+        norm = math.sqrt(sum(w * w for w in weights.values()))
+        entries.append([(j, w / norm) for j, w in weights.items()])
+    assert any(entries) and not all(entries)  # known grams, and a sentence without any
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for order in (list(range(len(texts))), [4], [1, 3]):  # several B and T (T = the longest row of the batch)
         T = max(1, *(len(rows[i]) for i in order))
         ids = torch.zeros(len(order), T, dtype=torch.long)
+        K = max(1, *(len(entries[i]) for i in order))
+        grams, gram_weights = torch.zeros(len(order), K, dtype=torch.long), torch.zeros(len(order), K)
         for r, i in enumerate(order):
             ids[r, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+            for k, (j, w) in enumerate(entries[i]):
+                grams[r, k], gram_weights[r, k] = j, w
         lengths = torch.tensor([len(rows[i]) for i in order])
-        (probabilities,) = session.run(["probabilities"], {"ids": ids.numpy(), "lengths": lengths.numpy()})
+        (probabilities,) = session.run(["probabilities"], {"ids": ids.numpy(), "lengths": lengths.numpy(),
+                                                           "grams": grams.numpy(),
+                                                           "gram_weights": gram_weights.numpy()})
         assert probabilities.dtype.name == "float32" and probabilities.shape == (len(order), len(labels))
         for r, i in enumerate(order):
             for c, label in enumerate(labels):
                 assert abs(probabilities[r, c] - expected[i]["probabilities"][label]) <= 1e-5
+
+
+def test_a_model_without_the_wide_part_exports_ids_and_lengths_only(tmp_path):
+    from rnnmath.data import make_order_task, stratified_split
+    from rnnmath.export import export_onnx
+    from rnnmath.model import Config
+    from rnnmath.train import train
+
+    examples = make_order_task(80, 1)
+    train_idx, val_idx = stratified_split(examples.labels, [0.8, 0.2], 0)
+    config = Config(hidden=4, epochs=1, max_len=8, vocab_size=30, ngram_buckets=20, wide=False)
+    train(config, examples.subset(train_idx), examples.subset(val_idx), tmp_path / "m")
+    result = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    assert result.wide is None and not (tmp_path / "m.wide.json").exists() and result.max_difference <= 1e-5
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["ids", "lengths"]
 
 
 def test_export_errors_are_one_line(model_dir, tmp_path, capsys):

@@ -116,7 +116,8 @@ def test_training_learns_saves_and_loads(tmp_path):
     history = train(config, train_set, val_set, tmp_path / "m")
     assert len(history["epochs"]) == 6 and history["best_val_accuracy"] > 0.7
     assert sorted(files(tmp_path / "m")) == ["checkpoint.safetensors", "config.json", "history.json",
-                                             "labels.json", "model.safetensors", "vocab.json"]
+                                             "labels.json", "model.safetensors", "vocab.json", "wide.json",
+                                             "wide.safetensors"]
     trained = load_model(tmp_path / "m")
     assert trained.config == config and trained.labels == ["negative", "positive"]
     accuracy = (trained.predict(val_set.texts).argmax(1) == torch.tensor(

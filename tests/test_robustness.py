@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rnnmath import cli, data
+from rnnmath.model import load_model
 
 # bidirectional GRU of 4 units over 50 words: trains in about a second; one thread, because the default thread
 # count follows the load average and byte-identical reruns need the same count
@@ -266,9 +267,11 @@ def test_odd_but_legal_texts_train_evaluate_and_predict(files, tmp_path, capsys)
     assert p[ODD_TEXTS[1]] == p[ODD_TEXTS[2]]  # the same number of UNKs reads the same
     assert p[ODD_TEXTS[3]] == p[""]  # no words at all
     assert p[ODD_TEXTS[0]] != p[ODD_TEXTS[1]]
-    code, printed, _ = run(capsys, "predict", "--json", out, " ".join(["good"] * 30 + ["bad"] * 3))
-    alone = json.loads(printed)["probabilities"]  # max_len 12: the rest of the 1 MB is cut
+    code, printed, _ = run(capsys, "predict", "--json", out, big)
+    alone = json.loads(printed)["probabilities"]
     assert alone == pytest.approx(p[big], abs=1e-6)  # (another batch: float rounding may differ)
+    network = load_model(out).predict([big, " ".join(["good"] * 30 + ["bad"] * 3)], weight=0.0)
+    assert torch.allclose(network[0], network[1], atol=1e-6)  # max_len 12: the network never reads the rest
 
 
 def test_predict_from_stdin_with_bom_crlf_and_odd_lines(model, capsys, monkeypatch):
@@ -332,7 +335,8 @@ def test_every_model_file_is_written_atomically(files, tmp_path, capsys, monkeyp
     code, _, err = run(capsys, "train", "--data", files["train"], "--out", out, "--epochs", "3", "--patience", "3",
                        *TINY)
     assert_one_error(code, err, str(out / "checkpoint.safetensors"), "cannot be written", "No space left")
-    assert {p.name for p in out.iterdir()} == {p.name for p in tmp_path.joinpath("m").iterdir()}  # no litter
+    assert {p.name for p in out.iterdir()} == {p.name for p in tmp_path.joinpath("m").iterdir()} \
+        - {"wide.json", "wide.safetensors"}  # no litter (the wide part comes after the last epoch)
     assert snapshot(out)["checkpoint.safetensors"] == saved["checkpoint.safetensors"]  # epoch 1's, whole
     monkeypatch.setattr(os, "replace", real_replace)
     assert run(capsys, "predict", out, "good")[0] == 0
@@ -398,7 +402,7 @@ def reference(files, tmp_path_factory) -> dict[str, bytes]:
 
 def test_same_data_flags_and_seed_give_byte_identical_files(reference, files, tmp_path, capsys):
     assert set(reference) == {"config.json", "vocab.json", "labels.json", "model.safetensors", "history.json",
-                              "checkpoint.safetensors", "split.json"}
+                              "checkpoint.safetensors", "split.json", "wide.json", "wide.safetensors"}
     code, _, err = run(capsys, "train", "--data", files["train"], "--out", tmp_path / "other", *TINY, "--epochs", "1",
                        "--seed", "1")
     assert code == 0, err

@@ -187,3 +187,32 @@ def test_damaged_wide_part_gives_a_clear_error(tmp_path, damage, message):
     damage(tmp_path / "m")
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_model(tmp_path / "m")
+
+
+def test_cli_train_evaluate_predict_inspect_with_the_wide_part(tmp_path, capsys):
+    from rnnmath.cli import main
+
+    examples = data.make_order_task(160, 2)
+    path = tmp_path / "d.tsv"
+    path.write_text("".join(f"{t}\t{y}\n" for t, y in zip(examples.texts, examples.labels)))
+    flags = ["--hidden", "4", "--vocab-size", "40", "--max-len", "12", "--epochs", "2", "--ngram-buckets", "50",
+             "--threads", "1"]
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "m"), *flags]) == 0
+    err = capsys.readouterr().err
+    assert "wide part: TF-IDF logistic regression on" in err and "against the network" in err
+    document = json.loads((tmp_path / "m" / WIDE).read_text())
+    document["weight"] = 0.5  # make sure the wide part counts, whatever validation chose
+    (tmp_path / "m" / WIDE).write_text(json.dumps(document))
+    trained = load_model(tmp_path / "m")
+    assert main(["predict", "--json", str(tmp_path / "m"), "the food was good"]) == 0
+    printed = json.loads(capsys.readouterr().out)["probabilities"]
+    expected = trained.predict(["the food was good"])[0]
+    assert printed == pytest.approx({y: float(p) for y, p in zip(trained.labels, expected)}, abs=1e-6)
+    assert main(["evaluate", str(tmp_path / "m"), "--split", "test", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    test = data.read_examples(path).subset(json.loads((tmp_path / "m" / "split.json").read_text())["parts"]["test"]
+                                           ["lines"][i] - 1 for i in range(report["n"]))
+    truth = torch.tensor([trained.labels.index(y) for y in test.labels])
+    assert report["accuracy"] == pytest.approx((trained.predict(test.texts).argmax(1) == truth).double().mean().item())
+    assert main(["inspect", str(tmp_path / "m"), "the food was good", "--out", str(tmp_path / "r")]) == 0
+    assert "inspect reads the network: the probabilities shown are the network's alone" in capsys.readouterr().err
