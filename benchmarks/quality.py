@@ -12,7 +12,9 @@ In every split all systems see the same parts: a stratified 10% of the training 
 (ours: early stopping and choice of epoch; the baselines: choice of their hyper-parameters); every system is
 fitted on the other 90% and scored once on the test part. Systems:
 
-* ``ours``: ``rnnmath.train.train`` with a preset (``--preset``, ``--set FIELD=VALUE`` overrides);
+* ``ours``: ``rnnmath.train.train`` with a preset (``--preset``, ``--set FIELD=VALUE`` overrides). For a model
+  with a wide part (the default preset) the same run is also scored with each half alone, its network
+  (λ = 0) and its wide part (λ = 1), as two more rows;
 * ``tfidf``: scikit-learn TF-IDF of word 1–2-grams (sublinear tf, rnnmath's tokenizer) + logistic
   regression, C from {0.1, 0.3, 1, 3, 10, 30, 100} chosen on the validation part;
 * ``fasttext``: fastText supervised (word bigrams, dim 100, 200,000 hash buckets, one thread, training
@@ -51,6 +53,7 @@ KIM = {"mr": "kim2014/rt-polarity.all", "subj": "kim2014/subj.all", "cr": "kim20
 UCI = ("sentiment_labelled_sentences/amazon_cells_labelled.txt", "sentiment_labelled_sentences/yelp_labelled.txt")
 DATASETS = ("mr", "subj", "trec", "cr", "amazon_yelp")
 SYSTEMS = ("ours", "tfidf", "fasttext")
+PART_NAMES = {"network": "its network alone (λ = 0)", "wide": "its wide part alone (λ = 1)"}
 # Kim (2014), Table 2 (test accuracy %)
 CITED = {"CNN-rand (Kim 2014)": {"mr": 76.1, "subj": 89.6, "trec": 91.2, "cr": 79.8},
          "CNN-non-static, word2vec (Kim 2014)": {"mr": 81.5, "subj": 93.4, "trec": 93.6, "cr": 84.3}}
@@ -204,7 +207,9 @@ def markdown(rows: list[dict]) -> str:
         parts = []
         for d in names:
             if s in table[d]:
-                parts += [cell(table[d][s]["macro_f1"]), f"{statistics.fmean(table[d][s]['seconds']):.1f}"]
+                seconds = table[d][s]["seconds"]
+                parts += [cell(table[d][s]["macro_f1"]),
+                          "–" if None in seconds else f"{statistics.fmean(seconds):.1f}"]
             else:
                 parts += ["–", "–"]
         lines.append(f"| {s} | " + " | ".join(parts) + " |")
@@ -250,6 +255,9 @@ def main() -> None:
                     result = run_fasttext(fit, val, test)
                 label = args.name if system == "ours" else system
                 rows.append({"dataset": name, "split": k, "system": label, **result})
+                for part, alone in result.get("parts", {}).items():  # the same run, each half alone
+                    rows.append({"dataset": name, "split": k, "system": f"{label}: {PART_NAMES[part]}",
+                                 "seconds": None, **alone})
                 print(f"{name} split {k} {label}: accuracy {result['accuracy']:.4f} macro-F1 "
                       f"{result['macro_f1']:.4f} {result['seconds']:.1f} s {result['chosen']} "
                       f"{result.get('parts', '')}",

@@ -33,6 +33,10 @@ Model directory (every file written atomically; nothing is ever pickled)::
                        when evaluated sentences were trained on
     checkpoint.safetensors  the last epoch's weights, Adam state, RNG state and (in its metadata, as JSON)
                        the loop's scalars, for ``--resume``
+    wide.json, wide.safetensors  with ``wide``: the wide part (rnnmath.wide), fitted after the network's
+                       last epoch: n-gram features, C, λ (JSON); idf, W, b (safetensors). ``TrainedModel.predict``
+                       mixes its log-probabilities with the network's:
+                       log_softmax((1 − λ) log p_network + λ log p_wide)
 
 An ensemble (``ensemble`` N > 1 in config.json) is one such directory: model.safetensors holds the N members'
 weights under ``members.<k>.`` (k = 0 .. N-1; member k was trained from seed ``seed + k``), history.json their
