@@ -155,6 +155,26 @@ def test_resuming_a_finished_run_keeps_its_wide_part(tmp_path):
     assert history["wide"]["C"] == json.loads(before[WIDE])["C"]
 
 
+def test_a_run_stopped_before_its_wide_part_loads_as_the_network_until_finished_by_resume(tmp_path):
+    fit, val = task()
+    config = dataclasses.replace(TINY, epochs=3, patience=3)
+    train(config, fit, val, tmp_path / "m")
+    before = {name: (tmp_path / "m" / name).read_bytes() for name in (WIDE, WIDE_WEIGHTS)}
+    for name in (WIDE, WIDE_WEIGHTS):  # as if killed between the last epoch and the wide part
+        (tmp_path / "m" / name).unlink()
+    with pytest.raises(UserError, match="finish the run with --resume"):
+        load_model(tmp_path / "m")
+    history = train(config, fit, val, tmp_path / "m", resume=True)
+    assert {name: (tmp_path / "m" / name).read_bytes() for name in (WIDE, WIDE_WEIGHTS)} == before  # deterministic
+    assert load_model(tmp_path / "m").wide is not None and "wide" in history
+    # a run still in its epochs (history not done) has no wide part yet: it loads as the network so far
+    document = json.loads((tmp_path / "m" / "history.json").read_text())
+    (tmp_path / "m" / "history.json").write_text(json.dumps({**document, "done": False}))
+    for name in (WIDE, WIDE_WEIGHTS):
+        (tmp_path / "m" / name).unlink()
+    assert load_model(tmp_path / "m").wide is None
+
+
 def test_no_wide_part_when_the_config_has_none(tmp_path):
     fit, val = task()
     history = train(dataclasses.replace(TINY, wide=False), fit, val, tmp_path / "m")
