@@ -7,7 +7,8 @@ Features (exactly scikit-learn's ``TfidfVectorizer(tokenizer=rnnmath.data.tokeni
 ngram_range=(1, 2), sublinear_tf=True)`` with its defaults ``smooth_idf=True, norm="l2"``)::
 
     grams(s)   = the tokens of s, then its word bigrams "a b"         (the whole sentence: no max_len cut)
-    features   = every gram of the training sentences, sorted          # F of them
+    features   = every gram of the training sentences, sorted          # F of them (at most MAX_WEIGHTS / C:
+                                                                       # the most frequent are kept)
     idf[f]     = ln((1 + n) / (1 + df[f])) + 1                         # n training sentences; df: how many hold f
     x[s, f]    = (1 + ln tf[s, f]) · idf[f]   for tf[s, f] > 0 occurrences of f in s, else 0
     x[s]       = x[s] / ||x[s]||_2                                     # a sentence with no known gram stays 0
@@ -41,6 +42,9 @@ from torch import Tensor, nn
 from .data import tokenize
 
 C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # benchmarks/quality.py's TF-IDF baseline uses the same grid
+# at most this many weights F·C: L-BFGS keeps 2·10 vectors of their size (float64), 160 MB at the limit; the
+# sets of docs/quality.md stay far below it (MR: 107,830 features × 2 classes)
+MAX_WEIGHTS = 1_000_000
 WEIGHT_GRID = tuple(k / 10 for k in range(11))  # λ
 
 
@@ -68,11 +72,18 @@ class Tfidf:
         self.idf = idf.to(torch.float64)
 
     @classmethod
-    def fit(cls, texts: Sequence[str]) -> Tfidf:
+    def fit(cls, texts: Sequence[str], max_features: int | None = None) -> Tfidf:
+        """Features and idf of ``texts``; with ``max_features``, only that many grams are kept, those of the
+        highest count over all texts (ties: the first name), as scikit-learn's ``max_features`` does."""
         df: Counter[str] = Counter()
+        total: Counter[str] = Counter()
         for text in texts:
-            df.update(set(grams(text)))
+            g = grams(text)
+            df.update(set(g))
+            total.update(g)
         features = sorted(df)
+        if max_features is not None and len(features) > max_features:
+            features = sorted(sorted(features, key=lambda f: -total[f])[:max_features])
         n = len(texts)
         idf = torch.tensor([math.log((1 + n) / (1 + df[f])) + 1 for f in features], dtype=torch.float64)
         return cls(features, idf)
@@ -129,7 +140,7 @@ def fit_logistic(x: tuple[Tensor, Tensor, Tensor], y: Tensor, num_features: int,
     if start is not None:
         model.load_state_dict(start.state_dict())
     n = len(y)
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=max_iter, history_size=20,
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=max_iter, history_size=10,
                                   tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def objective():
@@ -167,7 +178,7 @@ def choose(train_texts: Sequence[str], y: Tensor, val_texts: Sequence[str], val_
     """Fit the wide part on the training texts and choose C, then λ, by validation accuracy (ties: the lower
     validation cross-entropy, then the smaller C / λ). ``network_val``: the network's log-probabilities (B, C)
     of the validation texts. Returns the part and a record of the choice (for history.json)."""
-    tfidf = Tfidf.fit(train_texts)
+    tfidf = Tfidf.fit(train_texts, max_features=max(1, MAX_WEIGHTS // num_classes))
     x, x_val = tfidf.transform(train_texts), tfidf.transform(val_texts)
     best, model, scores = None, None, {}
     for C in C_GRID:

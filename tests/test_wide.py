@@ -68,6 +68,15 @@ def test_features_equal_scikit_learn_on_real_sentences():
                           torch.from_numpy(vectorizer.transform(examples.texts[100:]).toarray()), rtol=0, atol=1e-12)
 
 
+def test_max_features_keeps_the_most_frequent_grams_as_scikit_learn():
+    examples = data.make_order_task(120, 4)
+    vectorizer = sklearn_vectorizer().set_params(max_features=7)
+    expected = vectorizer.fit_transform(examples.texts).toarray()
+    tfidf = Tfidf.fit(examples.texts, max_features=7)
+    assert tfidf.features == list(vectorizer.get_feature_names_out())
+    assert torch.allclose(tfidf.dense(examples.texts), torch.from_numpy(expected), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("C", [0.3, 10.0])
 def test_logistic_regression_equals_scikit_learn(C):
     linear_model = pytest.importorskip("sklearn.linear_model")
