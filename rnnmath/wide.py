@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .data import tokenize
 
 C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # benchmarks/quality.py's TF-IDF baseline uses the same grid
-# at most this many weights F·C: L-BFGS keeps 2·10 vectors of their size (float64), 160 MB at the limit; the
+# at most this many weights F·C: L-BFGS keeps 2·20 vectors of their size (float64), 320 MB at the limit; the
 # sets of docs/quality.md stay far below it (MR: 107,830 features × 2 classes)
 MAX_WEIGHTS = 1_000_000
 WEIGHT_GRID = tuple(k / 10 for k in range(11))  # λ
@@ -140,7 +140,7 @@ def fit_logistic(x: tuple[Tensor, Tensor, Tensor], y: Tensor, num_features: int,
     if start is not None:
         model.load_state_dict(start.state_dict())
     n = len(y)
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=max_iter, history_size=10,
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def objective():
