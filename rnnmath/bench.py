@@ -125,7 +125,8 @@ def make_layer(impl: str, cell: str, input_size: int, hidden: int, device: str) 
 
 def step_function(model: torch.nn.Module, x: torch.Tensor, mode: str, compile: bool = True) -> Callable[[], None]:
     """A training step (forward + backward) or an inference call of `model` on `x`; ``compile=False`` runs it
-    with rnnmath.compiled switched off (the hand-written fast paths then run)."""
+    with rnnmath.compiled and torch's kernels (``layers.torch_kernels``) switched off: the hand-written fast
+    paths then run."""
     def call() -> None:
         if mode == "infer":
             with torch.no_grad():
@@ -139,11 +140,12 @@ def step_function(model: torch.nn.Module, x: torch.Tensor, mode: str, compile: b
         return call
 
     def without_compilation() -> None:
-        before, compiled.enabled = compiled.enabled, False
+        before = compiled.enabled, layers.torch_kernels
+        compiled.enabled, layers.torch_kernels = False, False
         try:
             call()
         finally:
-            compiled.enabled = before
+            compiled.enabled, layers.torch_kernels = before
     return without_compilation
 
 
