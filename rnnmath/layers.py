@@ -18,7 +18,6 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import compiled
 from .cells import TOKEN_ID_DTYPES, Cell, GRUCell, LSTMCell, RNNCell
 
-
 torch_kernels: bool = True
 """Let the built-in RNN, LSTM and GRU run torch's own fused operators where they can
 (:meth:`Recurrent._torch_kernel_serves`); False keeps them on rnnmath's own paths (tests and benchmarks)."""
