@@ -38,8 +38,9 @@ DATA = ROOT / ".." / "shared" / "data"
 def environment() -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    from rnnmath.common import cpu_model
+
+    cpu = cpu_model()
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python "
             f"{platform.python_version()}, load average {' '.join(load)}")

@@ -285,11 +285,12 @@ class _GenericScan(torch.autograd.Function):
         w_t = weight_hh.t() if graphs.split else None
         hws = xw.new_empty(T, xw.shape[1], weight_hh.shape[0]) if graphs.split else None  # (T, B, G)
         keep = mask.unbind(0) if mask is not None else None
+        xs, hw_out = xw.unbind(0), (hws.unbind(0) if graphs.split else None)  # per-step views, made once
         history = [state]  # the state before each step, and the last one
         for t in range(T):
-            inputs = [xw[t]]
+            inputs = [xs[t]]
             if graphs.split:
-                inputs.append(torch.mm(state[0], w_t, out=hws[t]))
+                inputs.append(torch.mm(state[0], w_t, out=hw_out[t]))
             inputs += state + params
             if keep is not None:
                 inputs.append(keep[t])
@@ -321,8 +322,11 @@ class _GenericScan(torch.autograd.Function):
         keep = mask.unbind(0) if mask is not None else None
         lead = 2 if graphs.split else 1
         grad_outputs = grad_output.unbind(0)
+        xs, hw_steps = xw.unbind(0), (hws.unbind(0) if graphs.split else None)
+        field_steps = [f.unbind(0) for f in fields]
+        params = list(params)
         for t in reversed(range(T)):
-            inputs = [xw[t]] + ([hws[t]] if graphs.split else []) + [f[t] for f in fields] + list(params)
+            inputs = [xs[t]] + ([hw_steps[t]] if graphs.split else []) + [f[t] for f in field_steps] + params
             if keep is not None:
                 inputs.append(keep[t])
             found = graphs.backward(inputs + grads)

@@ -237,6 +237,10 @@ class Recurrent(nn.Module):
         """The parameters of one layer and direction under the cell's names (p for cell.step)."""
         return {name: getattr(self, layer_name, None) for name, layer_name in self._names[layer][direction].items()}
 
+    def _weight_ih(self) -> Tensor:
+        """W_ih of layer 0: its dtype and device are the layer's (cheaper than next(self.parameters()))."""
+        return getattr(self, self._names[0][0]["weight_ih"])
+
     @property
     def all_weights(self) -> list[list[Tensor]]:
         return [
@@ -281,7 +285,7 @@ class Recurrent(nn.Module):
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {x.shape[-1]}")
         T, B = x.shape[0], x.shape[1]
-        weight = next(self.parameters())
+        weight = self._weight_ih()
         autocast = torch.is_autocast_enabled(x.device.type)
         if not ids and not autocast and x.dtype != weight.dtype:  # torch.nn skips this check under autocast
             raise ValueError(f"{name}: input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
@@ -293,7 +297,8 @@ class Recurrent(nn.Module):
             # padding never reaches a result: 0 × NaN/inf there would poison every weight gradient, and a
             # padding id outside the vocabulary (-1, -100) would be refused
             x = x.masked_fill(~mask, 0.0) if not ids else x.masked_fill(~mask.squeeze(2), 0)
-        states = self._initial_states(hx, B, x)
+        kernel = not autocast and self._torch_kernel_serves(x, lengths)
+        states = None if kernel and hx is None else self._initial_states(hx, B, x)  # kernel: zeros made there
         if autocast:
             # the layer runs in one precision, the one torch.nn's layer of this kind gives (Cell.autocast_dtype)
             autocast_dtype = torch.get_autocast_dtype(x.device.type)
@@ -308,7 +313,7 @@ class Recurrent(nn.Module):
                 # torch.nn.LSTM's projection is a matrix product: h in the autocast dtype, c in compute_dtype
                 output = output.to(autocast_dtype)
                 h_n = (h_n[0].to(autocast_dtype), *h_n[1:])
-        elif self._torch_kernel_serves(x, lengths):
+        elif kernel:
             output, h_n = self._run_torch_kernel(x, states, lengths)
         else:
             output, h_n = self._run(x, states, lengths, mask, weight.dtype)
@@ -346,7 +351,7 @@ class Recurrent(nn.Module):
                 and getattr(forward_ad, "_current_level", -1) < 0
                 and (lengths is None or bool((lengths > 0).all())))
 
-    def _run_torch_kernel(self, x: Tensor, states: list, lengths: Tensor | None):
+    def _run_torch_kernel(self, x: Tensor, states: list | None, lengths: Tensor | None):
         """All layers and directions through torch's fused operator; the same results as :meth:`_run`.
 
         One call for the whole stack, or one per layer when inter-layer dropout is on, so that dropout draws
@@ -356,7 +361,10 @@ class Recurrent(nn.Module):
         cell, L, D = self._cells[0], self.num_layers, self.num_directions
         kernel = _TORCH_KERNELS[type(cell)] if type(cell) is not RNNCell else (
             torch.rnn_tanh if cell.nonlinearity == "tanh" else torch.rnn_relu)
-        hx = [torch.stack(field) for field in zip(*states)]  # per state field (L·D, B, size)
+        if states is None:  # no hx: zeros
+            hx = [x.new_zeros(L * D, x.shape[1], size) for size in cell.state_sizes()]
+        else:
+            hx = [torch.stack(field) for field in zip(*states)]  # per state field (L·D, B, size)
         weights = [w for per_direction in self.all_weights for w in per_direction]
         per_layer = len(weights) // L
         T = x.shape[0]
@@ -382,7 +390,7 @@ class Recurrent(nn.Module):
             layer_input = output
             if end < L and self.dropout and self.training:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        h_n = [torch.cat(field) for field in zip(*finals)]  # per state field (L·D, B, size)
+        h_n = finals[0] if len(finals) == 1 else [torch.cat(field) for field in zip(*finals)]  # (L·D, B, size) each
         if packed is not None:
             h_n = [h.index_select(1, packed.unsorted_indices) for h in h_n]
         return layer_input, h_n[0] if len(h_n) == 1 else tuple(h_n)
@@ -478,7 +486,7 @@ class Recurrent(nn.Module):
         cell = self._cells[0]
         name = type(self).__name__
         n = self.num_layers * self.num_directions
-        like = next(self.parameters())
+        like = self._weight_ih()
         if hx is None:
             zero = cell.initial_state(batch_size, like)
             return [zero] * n
