@@ -303,6 +303,7 @@ def run_config(config: Config, repeats: int, device: str, peak: float, threads: 
     """Training and inference of each implementation of one configuration, at each thread count (``extend``:
     more rounds for short calls, see more_rounds)."""
     torch.manual_seed(0)
+    torch._dynamo.reset()  # each configuration starts with torch.compile's caches empty (its recompile limit)
     x = torch.randn(config.steps, config.batch, config.input, device=device)  # (T, B, I)
     models = {impl: make_layer(impl, config.cell, config.input, config.hidden, device) for impl in impls}
     models = {impl: m for impl, m in models.items() if m is not None}

@@ -436,17 +436,24 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
     if fn is None:
         if not _due(cell, "project"):
             return cell.project(p, x)
-        start = time.perf_counter()
-        fn = torch.compile(lambda p, x: cell.project(p, x), dynamic=True, fullgraph=True)
-        try:
-            xw = fn(p, x)  # the first call compiles
-        except Exception as error:  # noqa: BLE001 - any compiler failure: say so once, then run eagerly
+        fn = _PROJECTS[cell] = torch.compile(lambda p, x: cell.project(p, x), dynamic=True, fullgraph=True)
+    if fn is _EAGER:
+        return cell.project(p, x)
+    start = time.perf_counter()
+    try:
+        xw = fn(p, x)  # compiles on the first call, and again where torch.compile's guards ask (grad mode, threads)
+    except Exception as error:  # noqa: BLE001
+        if _is_compiler_error(error):  # no working compiler: the steps would fail as well
             _give_up(error)
-            return cell.project(p, x)
-        COMPILE_SECONDS[f"{type(cell).__name__} project"] = time.perf_counter() - start
-        _PROJECTS[cell] = fn
-        return xw
-    return fn(p, x)
+        # e.g. torch.compile's recompile limit (8 variants of this code: reached with many such layers): this
+        # layer's projection runs eagerly from now on, and nothing else changes
+        _PROJECTS[cell] = _EAGER
+        return cell.project(p, x)
+    COMPILE_SECONDS.setdefault(f"{type(cell).__name__} project", time.perf_counter() - start)
+    return xw
+
+
+_EAGER = object()  # in _PROJECTS: this cell's projection could not be compiled and runs eagerly
 
 
 def _give_up(error: Exception) -> None:
