@@ -16,8 +16,9 @@ Three parts, each a subcommand:
 * ``report DIR``: the same summary for a model directory trained before (also one stopped by --time-limit).
 
 * ``compare``: tokens/s of one training step (forward, backward, clipping, SGD) of the zaremba-small model with
-  rnnmath's LSTM and with torch.nn.LSTM in its place, on PTB windows, interleaved A B A B after warm-up, in one
-  process; prints the median of each and the median ratio.
+  rnnmath's LSTM (its default path — torch's fused operator on this float input — and its generic compiled
+  path), and with torch.nn.LSTM in its place, on PTB windows, interleaved A B C A B C after warm-up, in one
+  process; prints the median of each and the median ratios.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ DATA = ROOT / ".." / "shared" / "data"
 def environment() -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    from rnnmath.common import cpu_model
+
+    cpu = cpu_model()
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python "
             f"{platform.python_version()}, load average {' '.join(load)}")
@@ -101,6 +103,7 @@ def compare(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
+    from rnnmath import compiled, layers
     from rnnmath import language_model as lm
 
     torch.set_num_threads(args.threads)
@@ -118,8 +121,10 @@ def compare(args: argparse.Namespace) -> int:
         lm.initialize(model, config)
         return model, torch.optim.SGD(model.parameters(), lr=config.lr)
 
-    def steps(model, optimizer) -> float:
-        """Tokens per second over the windows, the state carried as in training."""
+    def steps(model, optimizer, own_path: bool) -> float:
+        """Tokens per second over the windows, the state carried as in training; ``own_path``: rnnmath's LSTM on
+        its generic compiled path instead of torch's fused operator (``layers.torch_kernels`` off)."""
+        layers.torch_kernels = not own_path
         state, start = None, time.perf_counter()
         for x, y in windows:
             logits, state = model(x, state)
@@ -131,18 +136,22 @@ def compare(args: argparse.Namespace) -> int:
             optimizer.step()
         return sum(y.numel() for _, y in windows) / (time.perf_counter() - start)
 
-    kinds = ["rnnmath LSTM", "torch.nn.LSTM"]
+    kinds = ["rnnmath LSTM", "rnnmath LSTM, compiled path", "torch.nn.LSTM"]
     models = {k: make(k) for k in kinds}
+    compiled.min_calls = 1
     for k in kinds:
-        steps(*models[k])  # warm-up
+        steps(*models[k], k.endswith("compiled path"))  # warm-up (and compilation)
     rates: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for k in kinds:
-            rates[k].append(steps(*models[k]))
-    ratios = [a / b for a, b in zip(rates[kinds[0]], rates[kinds[1]])]
+            rates[k].append(steps(*models[k], k.endswith("compiled path")))
+    layers.torch_kernels = True
+    ratios = [a / b for a, b in zip(rates[kinds[0]], rates[kinds[2]])]
+    compiled_ratios = [a / b for a, b in zip(rates[kinds[1]], rates[kinds[2]])]
     result = {"environment": environment(), "windows_per_round": args.windows, "rounds": args.rounds,
               "tokens_per_s": {k: statistics.median(v) for k, v in rates.items()},
-              "all_tokens_per_s": rates, "median_ratio_rnnmath_over_torch": statistics.median(ratios)}
+              "all_tokens_per_s": rates, "median_ratio_rnnmath_over_torch": statistics.median(ratios),
+              "median_ratio_compiled_path_over_torch": statistics.median(compiled_ratios)}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -150,9 +159,10 @@ def compare(args: argparse.Namespace) -> int:
     print(f"zaremba-small training step (B=20, T=20, V={len(vocab)}), {args.windows} windows x {args.rounds} "
           "rounds, interleaved")
     for k in kinds:
-        print(f"  {k:<14} median {result['tokens_per_s'][k]:7.0f} tokens/s   "
+        print(f"  {k:<28} median {result['tokens_per_s'][k]:7.0f} tokens/s   "
               f"({', '.join(f'{r:.0f}' for r in rates[k])})")
-    print(f"  rnnmath / torch.nn median ratio of tokens/s: {result['median_ratio_rnnmath_over_torch']:.3f}")
+    print(f"  rnnmath / torch.nn median ratio of tokens/s: {result['median_ratio_rnnmath_over_torch']:.3f} (default "
+          f"path), {result['median_ratio_compiled_path_over_torch']:.3f} (compiled path)")
     return 0
 
 

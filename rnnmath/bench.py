@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from . import cells, compiled, layers
 from .cells import Cell, LSTMState
+from .common import cpu_model
 
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 # rnnmath: the layer's default path (the generic compiled path on the CPU); torch.nn: the cell's torch.nn
@@ -125,7 +126,8 @@ def make_layer(impl: str, cell: str, input_size: int, hidden: int, device: str) 
 
 def step_function(model: torch.nn.Module, x: torch.Tensor, mode: str, compile: bool = True) -> Callable[[], None]:
     """A training step (forward + backward) or an inference call of `model` on `x`; ``compile=False`` runs it
-    with rnnmath.compiled switched off (the hand-written fast paths then run)."""
+    with rnnmath.compiled and torch's kernels (``layers.torch_kernels``) switched off: the hand-written fast
+    paths then run."""
     def call() -> None:
         if mode == "infer":
             with torch.no_grad():
@@ -139,11 +141,12 @@ def step_function(model: torch.nn.Module, x: torch.Tensor, mode: str, compile: b
         return call
 
     def without_compilation() -> None:
-        before, compiled.enabled = compiled.enabled, False
+        before = compiled.enabled, layers.torch_kernels
+        compiled.enabled, layers.torch_kernels = False, False
         try:
             call()
         finally:
-            compiled.enabled = before
+            compiled.enabled, layers.torch_kernels = before
     return without_compilation
 
 
@@ -296,12 +299,13 @@ def more_rounds(fns: dict[str, Callable[[], None]], repeats: int, device: str, s
 
 
 def run_config(config: Config, repeats: int, device: str, peak: float, threads: list[int],
-               extend: bool = True) -> list[dict]:
-    """Training and inference of every implementation of one configuration, at each thread count (``extend``:
+               extend: bool = True, impls: tuple[str, ...] = IMPLS) -> list[dict]:
+    """Training and inference of each implementation of one configuration, at each thread count (``extend``:
     more rounds for short calls, see more_rounds)."""
     torch.manual_seed(0)
+    torch._dynamo.reset()  # each configuration starts with torch.compile's caches empty (its recompile limit)
     x = torch.randn(config.steps, config.batch, config.input, device=device)  # (T, B, I)
-    models = {impl: make_layer(impl, config.cell, config.input, config.hidden, device) for impl in IMPLS}
+    models = {impl: make_layer(impl, config.cell, config.input, config.hidden, device) for impl in impls}
     models = {impl: m for impl, m in models.items() if m is not None}
     rows = []
     for n in threads:
@@ -408,7 +412,7 @@ def run(args: argparse.Namespace) -> dict:
     for config in configs:
         log(f"timing {config}")
         rows += run_config(config, repeats_for(config, args.repeats, args.quick), device, peak, threads,
-                           extend=not args.repeats)
+                           extend=not args.repeats, impls=("rnnmath", "torch.nn", *args.also))
     seed = run_seed(args.repeats or (11 if args.quick else 31), device, threads) if not args.no_seed else []
     memory = []
     if not args.no_memory:
@@ -427,12 +431,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def machine(device: str) -> dict:
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
             "gpu": gpu, "python": platform.python_version(), "load_average": os.getloadavg()[0]}
@@ -500,6 +499,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 1 32 64)")
     parser.add_argument("--repeats", type=int, help="interleaved runs per figure, exactly (default: 11, 3 at "
                         "H=1024, short calls more)")
+    parser.add_argument("--also", nargs="*", default=["hand", "readable"], choices=["hand", "readable"],
+                        help="implementations timed beside rnnmath and torch.nn (default: hand readable; "
+                        "none: --also with no names)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--threads", nargs="+", type=int, help="thread counts, each timed in turn (default: 1 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")

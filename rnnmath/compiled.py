@@ -145,8 +145,8 @@ class _SplitRecurrentProduct(TorchFunctionMode):
 class _Graphs:
     """The traced and compiled update of one cell at one set of shapes."""
 
-    forward: object  # (x, [hw], *state, *params, [keep]) -> state fields
-    backward: object  # (same inputs, *grad_state) -> grads of x, [hw], state fields, params
+    forward: object  # [x, [hw], *state, *params, [keep]] -> state fields (one list: inductor's boxed call)
+    backward: object  # [same inputs, *grad_state] -> grads of x, [hw], state fields, params
     split: bool  # hw is an input (W_hh left out of the update)
     names: list[str]  # the parameter names that are inputs of the update, in order
 
@@ -190,17 +190,22 @@ def _vjp_function(update, n_inputs: int):
 
 
 def _compile(gm, example, compile: bool):
+    """A callable taking the inputs as one list (which it may empty): the graph compiled, or run as it is."""
     if not compile:
-        return gm  # the traced graph run as it is: the same math, without the fused kernels (tests use it)
-    from torch import _inductor
+        return lambda inputs: gm(*inputs)  # the same math, without the fused kernels (tests use it)
+    # inductor's inner entry: the graph is already ATen operations, so no AOTAutograd wrapper runs around
+    # every call (half the per-step overhead at B = 1)
+    from torch._inductor.compile_fx import compile_fx_inner
 
-    return _inductor.compile(gm, example)
+    return compile_fx_inner(gm, example)
 
 
 def _build(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool) -> _Graphs:
     """Split, trace and compile cell.step for the shapes of one step of xw (T, B, G)."""
+    from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    decompositions = select_decomp_table() if compile else None  # the ATen subset inductor lowers
     start = time.perf_counter()
     n_state = len(state)
     x0, keep0 = xw[0], (mask[0] if mask is not None else None)
@@ -219,7 +224,7 @@ def _build(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool)
                 inputs = lead + [p[n].detach() for n in names] + ([keep0] if mask is not None else [])
                 with torch.no_grad():
                     outputs = update(*inputs)
-                fwd = make_fx(update, tracing_mode="fake")(*inputs)
+                fwd = make_fx(update, decompositions, tracing_mode="fake")(*inputs)
                 placeholders = [node for node in fwd.graph.nodes if node.op == "placeholder"]
                 used = [n for n, node in zip(names, placeholders[len(lead):]) if node.users]
                 if used == names:
@@ -228,7 +233,7 @@ def _build(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool)
         except NotSplittable:
             continue
         grads = [torch.ones_like(o) for o in outputs]
-        bwd = make_fx(_vjp_function(update, len(inputs)), tracing_mode="fake")(*inputs, *grads)
+        bwd = make_fx(_vjp_function(update, len(inputs)), decompositions, tracing_mode="fake")(*inputs, *grads)
         graphs = _Graphs(_compile(fwd, inputs, compile), _compile(bwd, inputs + grads, compile), split, names)
         break
     if compile:
@@ -280,15 +285,16 @@ class _GenericScan(torch.autograd.Function):
         w_t = weight_hh.t() if graphs.split else None
         hws = xw.new_empty(T, xw.shape[1], weight_hh.shape[0]) if graphs.split else None  # (T, B, G)
         keep = mask.unbind(0) if mask is not None else None
+        xs, hw_out = xw.unbind(0), (hws.unbind(0) if graphs.split else None)  # per-step views, made once
         history = [state]  # the state before each step, and the last one
         for t in range(T):
-            inputs = [xw[t]]
+            inputs = [xs[t]]
             if graphs.split:
-                inputs.append(torch.mm(state[0], w_t, out=hws[t]))
+                inputs.append(torch.mm(state[0], w_t, out=hw_out[t]))
             inputs += state + params
             if keep is not None:
                 inputs.append(keep[t])
-            state = [s.contiguous() for s in graphs.forward(*inputs)]
+            state = [s.contiguous() for s in graphs.forward(inputs)]
             history.append(state)
         ctx.graphs, ctx.cell, ctx.p_template, ctx.n_state, ctx.T = graphs, cell, p_template, n_state, T
         fields = [torch.stack([s[i] for s in history]) for i in range(n_state)]  # (T+1, B, H) each
@@ -316,11 +322,14 @@ class _GenericScan(torch.autograd.Function):
         keep = mask.unbind(0) if mask is not None else None
         lead = 2 if graphs.split else 1
         grad_outputs = grad_output.unbind(0)
+        xs, hw_steps = xw.unbind(0), (hws.unbind(0) if graphs.split else None)
+        field_steps = [f.unbind(0) for f in fields]
+        params = list(params)
         for t in reversed(range(T)):
-            inputs = [xw[t]] + ([hws[t]] if graphs.split else []) + [f[t] for f in fields] + list(params)
+            inputs = [xs[t]] + ([hw_steps[t]] if graphs.split else []) + [f[t] for f in field_steps] + params
             if keep is not None:
                 inputs.append(keep[t])
-            found = graphs.backward(*inputs, *grads)
+            found = graphs.backward(inputs + grads)
             dxs.append(found[0])
             for acc, g in zip(dparams, found[lead + n_state:lead + n_state + len(params)]):
                 if g is not None:
@@ -427,17 +436,24 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
     if fn is None:
         if not _due(cell, "project"):
             return cell.project(p, x)
-        start = time.perf_counter()
-        fn = torch.compile(lambda p, x: cell.project(p, x), dynamic=True, fullgraph=True)
-        try:
-            xw = fn(p, x)  # the first call compiles
-        except Exception as error:  # noqa: BLE001 - any compiler failure: say so once, then run eagerly
+        fn = _PROJECTS[cell] = torch.compile(lambda p, x: cell.project(p, x), dynamic=True, fullgraph=True)
+    if fn is _EAGER:
+        return cell.project(p, x)
+    start = time.perf_counter()
+    try:
+        xw = fn(p, x)  # compiles on the first call, and again where torch.compile's guards ask (grad mode, threads)
+    except Exception as error:  # noqa: BLE001
+        if _is_compiler_error(error):  # no working compiler: the steps would fail as well
             _give_up(error)
-            return cell.project(p, x)
-        COMPILE_SECONDS[f"{type(cell).__name__} project"] = time.perf_counter() - start
-        _PROJECTS[cell] = fn
-        return xw
-    return fn(p, x)
+        # e.g. torch.compile's recompile limit (8 variants of this code: reached with many such layers): this
+        # layer's projection runs eagerly from now on, and nothing else changes
+        _PROJECTS[cell] = _EAGER
+        return cell.project(p, x)
+    COMPILE_SECONDS.setdefault(f"{type(cell).__name__} project", time.perf_counter() - start)
+    return xw
+
+
+_EAGER = object()  # in _PROJECTS: this cell's projection could not be compiled and runs eagerly
 
 
 def _give_up(error: Exception) -> None:

@@ -18,6 +18,12 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import compiled
 from .cells import TOKEN_ID_DTYPES, Cell, GRUCell, LSTMCell, RNNCell
 
+torch_kernels: bool = True
+"""Let the built-in RNN, LSTM and GRU run torch's own fused operators where they can
+(:meth:`Recurrent._torch_kernel_serves`); False keeps them on rnnmath's own paths (tests and benchmarks)."""
+
+_TORCH_KERNELS = {RNNCell: None, LSTMCell: torch.lstm, GRUCell: torch.gru}  # RNNCell: rnn_tanh or rnn_relu
+
 
 def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
     """Reverse each sequence of x (T, B, ...) within its own length; padding stays where it is.
@@ -231,6 +237,10 @@ class Recurrent(nn.Module):
         """The parameters of one layer and direction under the cell's names (p for cell.step)."""
         return {name: getattr(self, layer_name, None) for name, layer_name in self._names[layer][direction].items()}
 
+    def _weight_ih(self) -> Tensor:
+        """W_ih of layer 0: its dtype and device are the layer's (cheaper than next(self.parameters()))."""
+        return getattr(self, self._names[0][0]["weight_ih"])
+
     @property
     def all_weights(self) -> list[list[Tensor]]:
         return [
@@ -275,7 +285,7 @@ class Recurrent(nn.Module):
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {x.shape[-1]}")
         T, B = x.shape[0], x.shape[1]
-        weight = next(self.parameters())
+        weight = self._weight_ih()
         autocast = torch.is_autocast_enabled(x.device.type)
         if not ids and not autocast and x.dtype != weight.dtype:  # torch.nn skips this check under autocast
             raise ValueError(f"{name}: input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
@@ -287,7 +297,8 @@ class Recurrent(nn.Module):
             # padding never reaches a result: 0 × NaN/inf there would poison every weight gradient, and a
             # padding id outside the vocabulary (-1, -100) would be refused
             x = x.masked_fill(~mask, 0.0) if not ids else x.masked_fill(~mask.squeeze(2), 0)
-        states = self._initial_states(hx, B, x)
+        kernel = not autocast and self._torch_kernel_serves(x, lengths)
+        states = None if kernel and hx is None else self._initial_states(hx, B, x)  # kernel: zeros made there
         if autocast:
             # the layer runs in one precision, the one torch.nn's layer of this kind gives (Cell.autocast_dtype)
             autocast_dtype = torch.get_autocast_dtype(x.device.type)
@@ -302,6 +313,8 @@ class Recurrent(nn.Module):
                 # torch.nn.LSTM's projection is a matrix product: h in the autocast dtype, c in compute_dtype
                 output = output.to(autocast_dtype)
                 h_n = (h_n[0].to(autocast_dtype), *h_n[1:])
+        elif kernel:
+            output, h_n = self._run_torch_kernel(x, states, lengths)
         else:
             output, h_n = self._run(x, states, lengths, mask, weight.dtype)
         if self._trace is not None:
@@ -317,6 +330,70 @@ class Recurrent(nn.Module):
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, h_n
+
+    def _torch_kernel_serves(self, x: Tensor, lengths: Tensor | None) -> bool:
+        """Whether this call runs torch's own fused kernel (``torch.lstm``/``gru``/``rnn_tanh``/``rnn_relu``, the
+        ATen operators torch.nn's layers call; oneDNN's LSTM on this CPU) instead of rnnmath's loops.
+
+        Only the built-in cells themselves (not subclasses), float32/float64 features on the CPU, every length
+        at least 1, and nothing that needs the step: not tracing (``rnnmath.trace``), recurrent dropout in
+        training, zoneout, ``layer.fast = False``, token ids (their projection is rnnmath's row lookup), autocast (the
+        layer's dtype rule), torch.compile/export, torch.func transforms or forward-mode AD. The readable loop
+        stays the specification: tests hold this path equal to it within floating-point tolerance.
+        """
+        return (torch_kernels and self.fast and self._trace is None and type(self._cells[0]) in _TORCH_KERNELS
+                and not (self.recurrent_dropout and self.training) and not self.zoneout
+                and x.is_floating_point() and x.dtype in (torch.float32, torch.float64) and x.device.type == "cpu"
+                and x.shape[0] > 0 and x.shape[1] > 0
+                and not torch.is_autocast_enabled(x.device.type)
+                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+                and not torch._C._are_functorch_transforms_active()
+                and getattr(forward_ad, "_current_level", -1) < 0
+                and (lengths is None or bool((lengths > 0).all())))
+
+    def _run_torch_kernel(self, x: Tensor, states: list | None, lengths: Tensor | None):
+        """All layers and directions through torch's fused operator; the same results as :meth:`_run`.
+
+        One call for the whole stack, or one per layer when inter-layer dropout is on, so that dropout draws
+        the same masks (``F.dropout`` of the whole (T, B, D·H) layer output) as the other paths. Lengths run
+        as torch.nn runs them: packed, sorted by length, then padded back with zeros.
+        """
+        cell, L, D = self._cells[0], self.num_layers, self.num_directions
+        kernel = _TORCH_KERNELS[type(cell)] if type(cell) is not RNNCell else (
+            torch.rnn_tanh if cell.nonlinearity == "tanh" else torch.rnn_relu)
+        if states is None:  # no hx: zeros
+            hx = [x.new_zeros(L * D, x.shape[1], size) for size in cell.state_sizes()]
+        else:
+            hx = [torch.stack(field) for field in zip(*states)]  # per state field (L·D, B, size)
+        weights = [w for per_direction in self.all_weights for w in per_direction]
+        per_layer = len(weights) // L
+        T = x.shape[0]
+        packed = None
+        if lengths is not None:
+            packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+            hx = [h.index_select(1, packed.sorted_indices) for h in hx]
+        blocks = [(0, L)] if not (self.dropout and self.training and L > 1) else [(k, k + 1) for k in range(L)]
+        layer_input, finals = x, []
+        for first, end in blocks:
+            h0 = [h[first * D:end * D] for h in hx]
+            args = (h0 if len(h0) > 1 else h0[0], weights[first * per_layer:end * per_layer], self.bias,
+                    end - first, 0.0, self.training, self.bidirectional)
+            if packed is None:
+                output, *last = kernel(layer_input, *args, False)  # (T, B, D·H)
+            else:
+                data = packed.data if first == 0 else pack_padded_sequence(
+                    layer_input, lengths.cpu(), enforce_sorted=False).data
+                output, *last = kernel(data, packed.batch_sizes, *args)
+                output = pad_packed_sequence(PackedSequence(output, packed.batch_sizes, packed.sorted_indices,
+                                                            packed.unsorted_indices), total_length=T)[0]
+            finals.append(last)
+            layer_input = output
+            if end < L and self.dropout and self.training:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        h_n = finals[0] if len(finals) == 1 else [torch.cat(field) for field in zip(*finals)]  # (L·D, B, size) each
+        if packed is not None:
+            h_n = [h.index_select(1, packed.unsorted_indices) for h in h_n]
+        return layer_input, h_n[0] if len(h_n) == 1 else tuple(h_n)
 
     def _run(self, x: Tensor, states: list, lengths: Tensor | None, mask: Tensor | None, dtype: torch.dtype):
         """All layers and directions over x (T, B, ·); returns output (T, B, D·H) and h_n."""
@@ -372,7 +449,8 @@ class Recurrent(nn.Module):
 
     def _path(self, cell: Cell, regularise: dict, tensors) -> str:
         """Which loop runs: ``"generic"`` (rnnmath.compiled), ``"fast"`` (the cell's ``fast_scan``) or ``"loop"``
-        (the readable ``scan``).
+        (the readable ``scan``). (Before any of them, the built-in RNN, LSTM and GRU on float CPU input run the
+        whole stack through torch's own fused operator: :meth:`_torch_kernel_serves`.)
 
         The rule, in order: the readable loop whenever something looks inside or changes the step (tracing,
         recurrent dropout, zoneout), when ``layer.fast`` is False or the cell has no fast_scan, when inputs or
@@ -408,7 +486,7 @@ class Recurrent(nn.Module):
         cell = self._cells[0]
         name = type(self).__name__
         n = self.num_layers * self.num_directions
-        like = next(self.parameters())
+        like = self._weight_ih()
         if hx is None:
             zero = cell.initial_state(batch_size, like)
             return [zero] * n
@@ -527,8 +605,10 @@ def trace(layer: Recurrent, keep_graph: bool = False) -> Iterator[Trace]:
             output, h_n = model.rnn(x, lengths=lengths)
         tr[0, 0]["h"], tr[0, 0]["f"]          # (T, B, H) each
 
-    Tracing only keeps references to tensors the layer computes anyway: results are bit-identical with it on
-    or off, and off it costs one attribute test per step. ``keep_graph=True`` keeps the recorded tensors in
+    Tracing only keeps references to tensors the layer computes anyway, and off it costs one attribute test per
+    step. With it on, the readable loop runs: its results are bit-identical to rnnmath's own fast paths, and
+    equal within floating-point rounding to torch's fused operator, which the built-in RNN/LSTM/GRU run
+    otherwise on float input (:meth:`Recurrent._torch_kernel_serves`). ``keep_graph=True`` keeps the recorded tensors in
     autograd's graph (see :class:`Trace`), for gradients with respect to h_t.
     """
     if not isinstance(layer, Recurrent):
@@ -634,8 +714,9 @@ class LSTM(Recurrent):
     """LSTM layers, as ``torch.nn.LSTM``; see :class:`Recurrent` and :class:`rnnmath.LSTMCell`.
 
     ``proj_size`` P > 0 adds torch.nn.LSTM's projection h_t = W_hr (o_t ⊙ tanh c_t) (parameters
-    ``weight_hr_l{k}[_reverse]`` (P, H)): output (T, B, D·P), h_n (L·D, B, P), c_n (L·D, B, H). These layers
-    run the readable loop (the fused LSTM has no projection).
+    ``weight_hr_l{k}[_reverse]`` (P, H)): output (T, B, D·P), h_n (L·D, B, P), c_n (L·D, B, H). On float
+    input they run torch's fused operator like the other LSTMs; elsewhere the generic compiled path or the
+    readable loop (rnnmath's hand-written fused LSTM has no projection).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,

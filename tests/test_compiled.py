@@ -174,6 +174,30 @@ def test_compiled_layer_equals_readable_layer(monkeypatch):
     torch.testing.assert_close(copy(x, lengths=lengths)[0], results[True][0])
 
 
+def test_a_projection_that_cannot_be_compiled_again_runs_eagerly(monkeypatch):
+    """torch.compile's recompile limit (8 variants of one function — LayerNorm-LSTM layers × grad modes × thread
+    counts; `rnnmath bench` reached it and lost compilation for every cell after — set to 1 here) costs that
+    layer's compiled projection only: compilation stays on for the rest."""
+    import torch._dynamo
+
+    monkeypatch.setattr(compiled, "enabled", True)
+    monkeypatch.setattr(compiled, "min_calls", 1)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    layer = rnnmath.Recurrent(CELLS["layernorm_lstm"], 4, 3, dtype=torch.float64)
+    out = layer(x)[0]
+    with torch.no_grad():  # grad mode is part of torch.compile's guards: a second variant, over the limit
+        out_no_grad = layer(x)[0]
+    layer.fast = False
+    torch.testing.assert_close(out, layer(x)[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_no_grad, layer(x)[0], rtol=1e-10, atol=1e-10)
+    assert compiled.enabled
+    assert compiled._PROJECTS[layer.cells[0]] is compiled._EAGER
+    torch._dynamo.reset()
+
+
 def test_a_new_cell_gets_the_compiled_path(monkeypatch):
     """docs/cells.md's CIFG cell, written as its equations only, runs compiled and equals its readable loop
     (float64, to 1e-12)."""

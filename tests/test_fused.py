@@ -3,6 +3,9 @@
 The readable loop is the specification (tests/test_layers.py holds both paths equal to torch.nn); here the
 fast path must give bit-identical forward values and the same gradients, in every corner the layer has:
 lengths (zero included), both directions, stacked layers, hx given, token ids, float32 and float64.
+The built-in layers' default path is torch's own fused operator where it serves (rnnmath.layers.torch_kernels);
+these tests switch that off to reach the hand-written path, and the last section holds torch's path to the
+readable loop within floating-point tolerance.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 import rnnmath
-from rnnmath import fused
+from rnnmath import fused, layers
 
 KINDS = {
     "rnn_tanh": lambda **kw: rnnmath.RNN(**kw),
@@ -21,6 +24,12 @@ KINDS = {
 }
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def hand_written_path(request, monkeypatch):
+    """Every test here but those of torch's kernels runs the hand-written fused path."""
+    monkeypatch.setattr(layers, "torch_kernels", "torch_kernel" in request.node.name)
 
 
 def run_both(layer, x, hx=None, lengths=None, seed=0):
@@ -191,3 +200,86 @@ def test_tracing_gives_the_fast_path_values_bitwise():
     with rnnmath.trace(layer):
         out, (h, c) = layer(x, lengths=lengths)
     assert torch.equal(out, fast_out) and torch.equal(h, fast_h) and torch.equal(c, fast_c)
+
+
+# -- torch's own fused operators (rnnmath.layers.torch_kernels), the built-in layers' default path -------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_kernel_path_equals_readable_loop(kind, dtype):
+    """Values and every gradient within tolerance: lengths, both directions, stacked layers, hx, no bias."""
+    torch.manual_seed(7)
+    for hidden, bias in ((5, True), (20, False)):
+        layer = KINDS[kind](input_size=6, hidden_size=hidden, num_layers=2, bidirectional=True, bias=bias,
+                            dtype=dtype)
+        assert layer._torch_kernel_serves(torch.zeros(1, 1, 6, dtype=dtype), None)
+        x = torch.randn(7, 4, 6, dtype=dtype, requires_grad=True)  # (T, B, I)
+        n_fields = 2 if kind == "lstm" else 1
+        hx = tuple(torch.randn(4, 4, hidden, dtype=dtype, requires_grad=True) for _ in range(n_fields))
+        for lengths in (None, torch.tensor([7, 2, 3, 1]), torch.tensor([7, 0, 3, 1])):  # a 0: rnnmath's path
+            for state in (None, hx if n_fields == 2 else hx[0]):
+                assert_paths_equal(run_both(layer, x, state, lengths), dtype, bitwise=False)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_torch_kernel_path_forms_of_input(kind):
+    """batch_first, one step, an unbatched sequence and a PackedSequence reach the same values."""
+    torch.manual_seed(8)
+    layer = KINDS[kind](input_size=3, hidden_size=4, batch_first=True, dtype=torch.float64)
+    for T in (1, 6):
+        x = torch.randn(2, T, 3, dtype=torch.float64, requires_grad=True)  # (B, T, I)
+        assert_paths_equal(run_both(layer, x), torch.float64, bitwise=False)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)  # (B, T, I) of one sequence: (T, I)
+    assert_paths_equal(run_both(layer, x), torch.float64, bitwise=False)
+    layer.batch_first = False
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(n, 3, dtype=torch.float64) for n in (2, 5, 3)],
+                                              enforce_sorted=False)
+    outputs = []
+    for fast in (True, False):
+        layer.fast = fast
+        out, h_n = layer(packed)
+        outputs.append((out.data, *(h_n if isinstance(h_n, tuple) else (h_n,))))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_kernel_path_with_projections_and_dropout():
+    """proj_size, and inter-layer dropout in training: the same masks as the readable loop (one call per layer)."""
+    torch.manual_seed(9)
+    layer = rnnmath.LSTM(4, 6, num_layers=3, proj_size=2, bidirectional=True, dropout=0.5, dtype=torch.float64)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    for lengths in (None, torch.tensor([5, 1, 3])):
+        results = {}
+        for fast in (True, False):
+            layer.fast = fast
+            torch.manual_seed(10)
+            results[fast] = run_both_once(layer, x, lengths)
+        for a, b in zip(results[True], results[False]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def run_both_once(layer, x, lengths):
+    output, (h, c) = layer(x, lengths=lengths)
+    grads = torch.autograd.grad(output.square().sum() + h.sum() + c.sum(), [x, *layer.parameters()])
+    return [output, h, c, *grads]
+
+
+def test_torch_kernel_path_is_not_taken_where_the_step_matters():
+    """Tracing, layer.fast = False, recurrent dropout, token ids and subclassed cells keep rnnmath's loops."""
+    x = torch.randn(3, 2, 4)
+    assert rnnmath.LSTM(4, 5)._torch_kernel_serves(x, None)
+    assert not rnnmath.LSTM(4, 5, recurrent_dropout=0.1)._torch_kernel_serves(x, None)
+    assert rnnmath.LSTM(4, 5, recurrent_dropout=0.1).eval()._torch_kernel_serves(x, None)  # identity there
+    assert not rnnmath.LSTM(4, 5)._torch_kernel_serves(torch.zeros(3, 2, dtype=torch.long), None)
+    assert not rnnmath.LSTM(4, 5)._torch_kernel_serves(x, torch.tensor([3, 0]))
+
+    class Mine(rnnmath.LSTMCell):
+        pass
+
+    assert not rnnmath.Recurrent(Mine, 4, 5)._torch_kernel_serves(x, None)
+    layer = rnnmath.GRU(4, 5)
+    with rnnmath.trace(layer):
+        assert not layer._torch_kernel_serves(x, None)
+    layer.fast = False
+    assert not layer._torch_kernel_serves(x, None)
