@@ -152,8 +152,12 @@ def run_fasttext(fit, val, test) -> dict:
         best = None
         for epoch in (5, 10, 25):
             for lr in (0.1, 0.5, 1.0):
-                model = fasttext.train_supervised(input=str(path), wordNgrams=2, dim=100, epoch=epoch, lr=lr,
-                                                  bucket=200_000, thread=1, seed=0, verbose=0)
+                try:
+                    model = fasttext.train_supervised(input=str(path), wordNgrams=2, dim=100, epoch=epoch, lr=lr,
+                                                      bucket=200_000, thread=1, seed=0, verbose=0)
+                except RuntimeError as e:  # "Encountered NaN": it diverged at this lr (Subj, lr 1.0); skip the point
+                    print(f"fasttext epoch {epoch} lr {lr}: {e}; skipped", file=sys.stderr)
+                    continue
                 predicted = [label(model, t) for t in val.texts]
                 score = statistics.fmean(p == y for p, y in zip(predicted, val.labels))
                 if best is None or score > best[0]:
