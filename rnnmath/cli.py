@@ -1037,8 +1037,16 @@ SUBCOMMANDS = [add_train_parser, add_cv_parser, add_evaluate_parser, add_predict
                add_serve_parser, add_export_parser]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake in the flags said in one line instead of the usage block and the error
+    (``rnnmath train: error: argument --bptt: ... (see rnnmath train --help)``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnnmath", description="Recurrent networks as readable tensor math: "
+    parser = _Parser(prog="rnnmath", description="Recurrent networks as readable tensor math: "
                                      "train, evaluate and use a sentence classifier.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in SUBCOMMANDS:

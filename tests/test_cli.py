@@ -639,3 +639,22 @@ def test_inspect_on_chinese_text_warns_nothing(tmp_path, capsys):
         code, out, err = run(capsys, "inspect", str(tmp_path / "m"), "这部电影很好看", "--out", str(tmp_path / "r"))
     assert code == 0 and err == "" and not [w for w in caught if "missing from" in str(w.message)], err
     assert "这" in (tmp_path / "r" / "report.html").read_text(encoding="utf-8")  # the page has the text itself
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--task", "lm", "--bptt", "0", "--data", "x", "--out", "y"], "--bptt"),
+    (["train", "--batch-size", "0", "--data", "x", "--out", "y"], "--batch-size"),
+    (["generate", "m", "--temperature", "-1"], "--temperature"),
+    (["evaluate"], "DIR"),
+    ([], "COMMAND"),
+])
+def test_a_mistake_in_the_flags_is_one_line(argv, flag, capsys):
+    """argparse's own errors (a value out of range, a missing argument) print one line naming the flag, no
+    usage block, exit status 2."""
+    from rnnmath.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and "error:" in err and "usage" not in err
