@@ -22,7 +22,17 @@ torch_kernels: bool = True
 """Let the built-in RNN, LSTM and GRU run torch's own fused operators where they can
 (:meth:`Recurrent._torch_kernel_serves`); False keeps them on rnnmath's own paths (tests and benchmarks)."""
 
-_TORCH_KERNELS = {RNNCell: None, LSTMCell: torch.lstm, GRUCell: torch.gru}  # RNNCell: rnn_tanh or rnn_relu
+
+def _torch_kernel(cell: Cell):
+    """torch's fused operator for a built-in cell of exactly that class (not a subclass), else None."""
+    kind = type(cell)
+    if kind is LSTMCell:
+        return torch.lstm
+    if kind is GRUCell:
+        return torch.gru
+    if kind is RNNCell:
+        return torch.rnn_tanh if cell.nonlinearity == "tanh" else torch.rnn_relu
+    return None
 
 
 def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -341,7 +351,7 @@ class Recurrent(nn.Module):
         layer's dtype rule), torch.compile/export, torch.func transforms or forward-mode AD. The readable loop
         stays the specification: tests hold this path equal to it within floating-point tolerance.
         """
-        return (torch_kernels and self.fast and self._trace is None and type(self._cells[0]) in _TORCH_KERNELS
+        return (torch_kernels and self.fast and self._trace is None and _torch_kernel(self._cells[0]) is not None
                 and not (self.recurrent_dropout and self.training) and not self.zoneout
                 and x.is_floating_point() and x.dtype in (torch.float32, torch.float64) and x.device.type == "cpu"
                 and x.shape[0] > 0 and x.shape[1] > 0
@@ -359,8 +369,7 @@ class Recurrent(nn.Module):
         as torch.nn runs them: packed, sorted by length, then padded back with zeros.
         """
         cell, L, D = self._cells[0], self.num_layers, self.num_directions
-        kernel = _TORCH_KERNELS[type(cell)] if type(cell) is not RNNCell else (
-            torch.rnn_tanh if cell.nonlinearity == "tanh" else torch.rnn_relu)
+        kernel = _torch_kernel(cell)
         if states is None:  # no hx: zeros
             hx = [x.new_zeros(L * D, x.shape[1], size) for size in cell.state_sizes()]
         else:
