@@ -475,9 +475,15 @@ def save_wide(directory: Path, part: WidePart, record: dict) -> None:
     """Write wide.safetensors (idf (F,) float64, W (F, C), b (C,)) and then wide.json (the F feature names in
     the order of idf's rows, C, λ, and ``record``: how they were chosen). wide.json last: it is what
     ``load_wide`` asks for first, so a run stopped between the two writes has no half wide part."""
-    write_safetensors(directory / WIDE_WEIGHTS, "wide", {"idf": part.tfidf.idf, **part.linear.state_dict()})
+    write_safetensors(directory / WIDE_WEIGHTS, "wide", {"idf": part.tfidf.idf, **part.linear.state_dict()},
+                      features_sha256=_features_sha256(part.tfidf.features))
     write_json(directory / WIDE, "wide", features=part.tfidf.features, C=part.C, weight=part.weight,
                ngram_range=[1, 2], choice=record)
+
+
+def _features_sha256(features: Sequence[str]) -> str:
+    """Fingerprint of the feature names in order: which weight row each n-gram reads."""
+    return hashlib.sha256(json.dumps(list(features), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def load_wide(directory: Path, num_classes: int) -> WidePart:
@@ -493,7 +499,10 @@ def load_wide(directory: Path, num_classes: int) -> WidePart:
             or not isinstance(C, (int, float)) or isinstance(C, bool):
         raise UserError(f"{path}: expected \"features\" (a list of strings), \"weight\" in [0, 1] and \"C\"; "
                         "the model directory is damaged")
-    tensors, _ = read_safetensors(directory / WIDE_WEIGHTS, "wide")
+    tensors, meta = read_safetensors(directory / WIDE_WEIGHTS, "wide")
+    if "features_sha256" in meta and meta["features_sha256"] != _features_sha256(features):
+        raise UserError(f"{path}: its \"features\" are not the ones {directory / WIDE_WEIGHTS} was written with "
+                        "(edited, or from another run); the model directory is damaged")
     F_, shapes = len(features), {"idf": (len(features),), "weight": (len(features), num_classes),
                                  "bias": (num_classes,)}
     for name, shape in shapes.items():
