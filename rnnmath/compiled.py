@@ -433,7 +433,8 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
     if type(cell).project is Cell.project or not x.is_floating_point():
         return cell.project(p, x)
     fn = _PROJECTS.get(cell)
-    if fn is None:
+    first = fn is None
+    if first:
         if not _due(cell, "project"):
             return cell.project(p, x)
         fn = _PROJECTS[cell] = torch.compile(lambda p, x: cell.project(p, x), dynamic=True, fullgraph=True)
@@ -449,7 +450,8 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
         # layer's projection runs eagerly from now on, and nothing else changes
         _PROJECTS[cell] = _EAGER
         return cell.project(p, x)
-    COMPILE_SECONDS.setdefault(f"{type(cell).__name__} project", time.perf_counter() - start)
+    if first:
+        COMPILE_SECONDS[f"{type(cell).__name__} project"] = time.perf_counter() - start
     return xw
 
 

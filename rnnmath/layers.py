@@ -307,7 +307,7 @@ class Recurrent(nn.Module):
             # padding never reaches a result: 0 × NaN/inf there would poison every weight gradient, and a
             # padding id outside the vocabulary (-1, -100) would be refused
             x = x.masked_fill(~mask, 0.0) if not ids else x.masked_fill(~mask.squeeze(2), 0)
-        kernel = not autocast and self._torch_kernel_serves(x, lengths)
+        kernel = self._torch_kernel_serves(x, lengths)  # never under autocast
         states = None if kernel and hx is None else self._initial_states(hx, B, x)  # kernel: zeros made there
         if autocast:
             # the layer runs in one precision, the one torch.nn's layer of this kind gives (Cell.autocast_dtype)
