@@ -374,7 +374,9 @@ class Recurrent(nn.Module):
             hx = [x.new_zeros(L * D, x.shape[1], size) for size in cell.state_sizes()]
         else:
             hx = [torch.stack(field) for field in zip(*states)]  # per state field (L·D, B, size)
-        weights = [w for per_direction in self.all_weights for w in per_direction]
+        params = self._parameters  # torch.nn.LSTM's flat weight order, without all_weights' getattr per name
+        weights = [params[n] if n in params else getattr(self, n) for per_direction in self._names
+                   for names in per_direction for n in names.values() if n in params or hasattr(self, n)]
         per_layer = len(weights) // L
         T = x.shape[0]
         packed = None
@@ -384,7 +386,7 @@ class Recurrent(nn.Module):
         blocks = [(0, L)] if not (self.dropout and self.training and L > 1) else [(k, k + 1) for k in range(L)]
         layer_input, finals = x, []
         for first, end in blocks:
-            h0 = [h[first * D:end * D] for h in hx]
+            h0 = hx if len(blocks) == 1 else [h[first * D:end * D] for h in hx]
             args = (h0 if len(h0) > 1 else h0[0], weights[first * per_layer:end * per_layer], self.bias,
                     end - first, 0.0, self.training, self.bidirectional)
             if packed is None:

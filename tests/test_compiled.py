@@ -52,9 +52,11 @@ def case(cell_class, dtype, hidden=5, batch=4, steps=7, seed=0, **kwargs):
     return cell, p, xw, state
 
 
+@pytest.mark.parametrize("chunk", [1, 3])  # one step a call; chunks of 3 steps and a remainder of 1 (T = 7)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", list(CELLS) + ["rnn_relu"])
-def test_generic_path_equals_readable_loop_for_every_cell(name, dtype):
+def test_generic_path_equals_readable_loop_for_every_cell(name, dtype, chunk, monkeypatch):
+    monkeypatch.setattr(compiled, "chunk_steps", chunk)
     cell_class, kwargs = (CELLS["rnn"], {"nonlinearity": "relu"}) if name == "rnn_relu" else (CELLS[name], {})
     for hidden, bias in ((5, True), (20, False)):
         cell, p, xw, state = case(cell_class, dtype, hidden=hidden, bias=bias, **kwargs)
@@ -198,13 +200,15 @@ def test_a_projection_that_cannot_be_compiled_again_runs_eagerly(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_a_new_cell_gets_the_compiled_path(monkeypatch):
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_a_new_cell_gets_the_compiled_path(monkeypatch, chunk):
     """docs/cells.md's CIFG cell, written as its equations only, runs compiled and equals its readable loop
-    (float64, to 1e-12)."""
+    (float64, to 1e-12), one step a call and in compiled chunks of 2 steps (T = 7: three chunks and a step)."""
     from test_docs import worked_example
 
     monkeypatch.setattr(compiled, "enabled", True)
     monkeypatch.setattr(compiled, "min_calls", 1)
+    monkeypatch.setattr(compiled, "chunk_steps", chunk)
     monkeypatch.setattr(rnnmath, "CELLS", dict(rnnmath.CELLS))
     namespace: dict = {}
     exec(compile(worked_example(), "cells.md", "exec"), namespace)
@@ -216,6 +220,7 @@ def test_a_new_cell_gets_the_compiled_path(monkeypatch):
     assert_close_scaled(got[1], want[1], torch.float64)
     assert compiled._graphs(cell, p, xw, state, None, compile=True).split
     assert "CIFGLSTMCell B=3 H=4 float64" in compiled.COMPILE_SECONDS
+    assert ("CIFGLSTMCell B=3 H=4 float64 2 steps" in compiled.COMPILE_SECONDS) == (chunk == 2)
 
 
 def test_bench_covers_every_cell_and_thread_count(monkeypatch):
@@ -242,8 +247,10 @@ def test_bench_covers_every_cell_and_thread_count(monkeypatch):
     assert "| cifg_lstm (docs) |" in bench.report(result)
 
 
-def test_generic_path_for_lstm_with_proj_size():
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_generic_path_for_lstm_with_proj_size(chunk, monkeypatch):
     """h = W_hr (o ⊙ tanh c): W_hh still splits off, W_hr stays in the update (float64, lengths, hx)."""
+    monkeypatch.setattr(compiled, "chunk_steps", chunk)
     torch.manual_seed(0)
     layer = rnnmath.LSTM(6, 5, proj_size=2, dtype=torch.float64)
     cell, p = layer.cells[0], layer.layer_params(0, 0)
