@@ -230,9 +230,13 @@ def test_cli_train_evaluate_predict_inspect_with_the_wide_part(tmp_path, capsys)
     flags = ["--hidden", "4", "--vocab-size", "40", "--max-len", "12", "--epochs", "2", "--ngram-buckets", "50",
              "--threads", "1"]
     assert main(["train", "--data", str(path), "--out", str(tmp_path / "m"), *flags]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "wide part: TF-IDF logistic regression on" in err and "against the network" in err
     document = json.loads((tmp_path / "m" / WIDE).read_text())
+    # the summary leads with the accuracy of what predicts (the mix), then the network's alone
+    assert f"validation accuracy {document['choice']['val_accuracy']:.4f} with the wide part" in captured.out
+    assert "the network alone: best validation accuracy" in captured.out
     document["weight"] = 0.5  # make sure the wide part counts, whatever validation chose
     (tmp_path / "m" / WIDE).write_text(json.dumps(document))
     trained = load_model(tmp_path / "m")
