@@ -499,6 +499,9 @@ def load_wide(directory: Path, num_classes: int) -> WidePart:
             or not isinstance(C, (int, float)) or isinstance(C, bool):
         raise UserError(f"{path}: expected \"features\" (a list of strings), \"weight\" in [0, 1] and \"C\"; "
                         "the model directory is damaged")
+    if not (directory / WIDE_WEIGHTS).is_file():
+        raise UserError(f"{directory / WIDE_WEIGHTS} is missing: the weights of the wide part that {path} describes "
+                        "(the file was removed, or only wide.json was copied); the model directory is damaged")
     tensors, meta = read_safetensors(directory / WIDE_WEIGHTS, "wide")
     if "features_sha256" in meta and meta["features_sha256"] != _features_sha256(features):
         raise UserError(f"{path}: its \"features\" are not the ones {directory / WIDE_WEIGHTS} was written with "

@@ -203,7 +203,7 @@ def test_ensemble_has_one_wide_part(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / WIDE).unlink(), "wide.json is missing"),
-    (lambda d: (d / WIDE_WEIGHTS).unlink(), "wide.safetensors is missing"),
+    (lambda d: (d / WIDE_WEIGHTS).unlink(), "wide.safetensors is missing: the weights of the wide part"),
     (lambda d: (d / WIDE).write_text(json.dumps({**json.loads((d / WIDE).read_text()), "weight": 2})),
      "\"weight\" in [0, 1]"),
     (lambda d: (d / WIDE).write_text(json.dumps({**json.loads((d / WIDE).read_text()),
