@@ -488,6 +488,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"rnnmath: warning: {overlap} of {len(examples)} evaluated sentences ({overlap / len(examples):.1%}) "
                   f"were also in the training data of {args.model}, so these figures overstate accuracy on new "
                   f"text; 'rnnmath evaluate {args.model} --split test' evaluates the held-out part", file=sys.stderr)
+        elif overlap and args.split != "train" and record["parts"][args.split]["file"] != \
+                record["parts"]["train"]["file"]:  # a --val/--test file of its own shares sentences with training
+            share = f"{overlap / len(examples):.1%}"
+            train_file = record["files"].get(record["parts"]["train"]["file"], {}).get("path", "the training file")
+            this_file = record["files"].get(record["parts"][args.split]["file"], {}).get("path", "its file")
+            print(f"rnnmath: warning: {overlap} of {len(examples)} {args.split} sentences ({share}) from {this_file} "
+                  f"have the same words as a sentence of the training data ({train_file}); these figures overstate "
+                  f"accuracy on new text; remove those sentences from one of the files and train again to avoid it",
+                  file=sys.stderr)
         elif overlap and args.split != "train":  # the split kept lines apart: the file repeats sentences
             source, repeated = repeated_sentences(record, args.split)
             share = f"{overlap / len(examples):.1%}"

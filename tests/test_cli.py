@@ -600,6 +600,23 @@ def test_evaluate_split_test_blames_repeated_sentences_not_the_user(tmp_path, ca
     assert "--split test'" not in err and err.count("\n") == 1
 
 
+def test_evaluate_split_test_names_a_test_file_that_shares_sentences_with_training(tmp_path, capsys):
+    """--test FILE of its own: the overlap is between the two files, not repeats within one (an outside
+    tester's case: the warning blamed repeated lines of the training file)."""
+    rows = [f"{w} thing number {i}\t{y}" for i in range(30) for w, y in (("good", "a"), ("bad", "b"))]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    test_rows = rows[:3] + [f"{w} other item {i}\t{y}" for i in range(5) for w, y in (("good", "a"), ("bad", "b"))]
+    (tmp_path / "test.tsv").write_text("\n".join(test_rows) + "\n")
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "train.tsv"), "--test", str(tmp_path / "test.tsv"),
+                       "--out", str(tmp_path / "m"), *TINY, "--quiet")
+    assert code == 0, err
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "m"), "--split", "test", "--json")
+    assert code == 0 and json.loads(out)["train_overlap"] == 3
+    assert (f"warning: 3 of 13 test sentences (23.1%) from {tmp_path / 'test.tsv'} have the same words as a sentence "
+            f"of the training data ({tmp_path / 'train.tsv'})") in err
+    assert "repeats sentences" not in err and err.count("\n") == 1
+
+
 def test_train_says_where_validation_came_from_with_test_alone(order_files, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--data", str(order_files["train"]), "--test", str(order_files["test"]),
                        "--out", str(tmp_path / "m"), *TINY, "--epochs", "1")
