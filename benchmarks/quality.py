@@ -47,6 +47,7 @@ from rnnmath import data
 from rnnmath.crossval import stratified_folds
 from rnnmath.model import PRESETS, load_model
 from rnnmath.train import classification_metrics, label_indices, train
+from rnnmath.wide import WEIGHT_GRID
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 KIM = {"mr": "kim2014/rt-polarity.all", "subj": "kim2014/subj.all", "cr": "kim2014/custrev.all"}
@@ -92,20 +93,26 @@ def run_ours(config, fit, val, test) -> dict:
         truth = label_indices(test, trained.labels).tolist()
         predicted = trained.predict(test.texts).argmax(1)
         metrics = classification_metrics(truth, predicted.tolist(), trained.labels)
-        parts = {}
+        parts, by_weight = {}, {}
         if trained.wide is not None:  # each half alone on the same test part: the network (λ 0), the wide part (λ 1)
             for name, weight in (("network", 0.0), ("wide", 1.0)):
                 alone = classification_metrics(truth, trained.predict(test.texts, weight).argmax(1).tolist(),
                                                trained.labels)
                 parts[name] = {"accuracy": alone["accuracy"], "macro_f1": alone["macro_f1"]}
+            # the test figures at every λ of the grid: other rules for choosing λ can be scored on the same run
+            for weight in WEIGHT_GRID:
+                at = classification_metrics(truth, trained.predict(test.texts, weight).argmax(1).tolist(),
+                                            trained.labels)
+                by_weight[str(weight)] = {"accuracy": at["accuracy"], "macro_f1": at["macro_f1"]}
     wide = history.get("wide")
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds,
-            **({"parts": parts} if parts else {}),
+            **({"parts": parts, "test_by_weight": by_weight} if parts else {}),
             "chosen": {"best_epoch": history["best_epoch"], "epochs": len(history["epochs"]),
                        "val_accuracy": history["best_val_accuracy"],
                        **({"members": history["members"]} if "members" in history else {}),
-                       **({"wide": {k: wide[k] for k in ("C", "weight", "features", "val_accuracy")}} if wide
-                          else {})}}
+                       **({"wide": {k: wide[k] for k in ("C", "weight", "features", "val_accuracy",
+                                                         "val_accuracy_by_weight", "val_cross_entropy_by_weight")}}
+                          if wide else {})}}
 
 
 def run_tfidf(fit, val, test) -> dict:

@@ -194,14 +194,15 @@ def choose(train_texts: Sequence[str], y: Tensor, val_texts: Sequence[str], val_
     linear.load_state_dict({k: v.float() for k, v in fitted.state_dict().items()})
     part = WidePart(tfidf, linear, 0.0, C)
     linear_val = part.log_probs(val_texts)
-    best_weight, weights = None, {}
+    best_weight, weights, cross_entropies = None, {}, {}
     for weight in WEIGHT_GRID:
         log_p = mix(network_val.float(), linear_val, weight)
         key = ((log_p.argmax(1) == val_y).double().mean().item(), F.nll_loss(log_p, val_y).neg().item())
-        weights[str(weight)] = key[0]
+        weights[str(weight)], cross_entropies[str(weight)] = key[0], -key[1]
         if best_weight is None or key > best_weight[0]:
             best_weight = (key, weight)
     part.weight = best_weight[1]
     record = {"C": C, "weight": part.weight, "features": len(tfidf), "val_accuracy": best_weight[0][0],
-              "val_accuracy_by_C": scores, "val_accuracy_by_weight": weights}
+              "val_accuracy_by_C": scores, "val_accuracy_by_weight": weights,
+              "val_cross_entropy_by_weight": cross_entropies}  # nats per sentence
     return part, record
