@@ -165,9 +165,7 @@ def add_train_parser(subparsers) -> None:
                         "as torchrun --nproc_per_node=N does); --batch-size is per process (default: 1)")
     add_threads_flag(p)
     add_device_flag(p)
-    p.add_argument("--max-labels", type=_number(int, 2, 10_000_000), default=None, metavar="N",
-                   help="allow up to N distinct labels (default: 50, and labels must not be unique to most rows: "
-                        "such a label column is text, e.g. columns swapped)")
+    add_max_labels_flag(p)
     add_config_flags(p)
     add_lm_flags(p)
     add_data_flags(p)
@@ -252,6 +250,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     with distributed.process_group():  # torchrun's workers meet here; nothing to do in one process
         return train_command(args)
+
+
+def add_max_labels_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-labels", type=_number(int, 2, 10_000_000), default=None, metavar="N",
+                        help="allow up to N distinct labels (default: 50, and labels must not be unique to most "
+                             "rows: such a label column is text, e.g. columns swapped)")
 
 
 def reader_options(args: argparse.Namespace) -> dict:
@@ -396,9 +400,10 @@ def train_command(args: argparse.Namespace) -> int:
 def add_cv_parser(subparsers) -> None:
     p = subparsers.add_parser("cv", help="stratified k-fold cross-validation of a training configuration",
                               description="Stratified k-fold cross-validation (rnnmath.crossval): each fold is "
-                              "the test part once; 10%% of the other folds (stratified) is the validation part. "
-                              "Prints mean ± std of accuracy and macro-F1; writes every fold's model and "
-                              "--out/cv.json.")
+                              "the test part once; 10% of the other folds (stratified) is the validation part. "
+                              "Prints mean ± std of accuracy and macro-F1; writes every fold's model (with its "
+                              "split.json) and --out/cv.json. Warns when test sentences of a fold also occur in "
+                              "its training part (a file that repeats sentences).")
     p.add_argument("--data", required=True, metavar="FILE", help="labelled sentences")
     p.add_argument("--folds", type=_number(int, 2, 1000), default=10, metavar="K", help="folds (default: 10)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for fold-*/ models and cv.json")
@@ -406,6 +411,7 @@ def add_cv_parser(subparsers) -> None:
     p.add_argument("--processes", type=_number(int, 1, 256), default=1, metavar="N",
                    help="train N folds at a time, one process and one thread each (default: 1)")
     p.add_argument("--json", action="store_true", help="print the result (every fold) as one JSON object")
+    add_max_labels_flag(p)
     add_config_flags(p)
     add_data_flags(p)
     p.set_defaults(func=cmd_cv)
@@ -416,8 +422,16 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     config, _ = config_from_args(args)
     examples = read_data(args, args.data)
+    datamod.check_labels(examples, args.max_labels)  # a label column of free text, swapped columns: as train
     log = None if args.json else (lambda line: print(line, file=sys.stderr))
-    result = cross_validate(config, examples, args.out, folds=args.folds, workers=args.processes, log=log)
+    result = cross_validate(config, examples, args.out, folds=args.folds, workers=args.processes, log=log,
+                            reader=reader_options(args))
+    overlap = sum(r["train_overlap"] for r in result["folds"])
+    if overlap:
+        print(f"rnnmath: warning: {overlap} of {len(examples)} test sentences ({overlap / len(examples):.1%}) have "
+              f"the same words as a training sentence of their fold, because {args.data} repeats sentences "
+              f"({result['repeated_lines']} line(s) repeat an earlier one); these figures overstate accuracy on new "
+              "text; remove the repeated lines from the file to avoid it", file=sys.stderr)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

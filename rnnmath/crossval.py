@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .data import Examples, stratified_split
+from .data import Examples, sentence_key, stratified_split
 from .errors import UserError
 
 
@@ -57,34 +57,46 @@ def fold_parts(examples: Examples, folds: list[list[int]], f: int, seed: int,
 
 
 def _run_fold(config, examples: Examples, folds: list[list[int]], f: int, out: str, val_fraction: float,
-              threads: int | None) -> dict:
+              threads: int | None, reader: dict | None) -> dict:
     import torch
 
-    from .model import load_model
+    from .model import CHECKPOINT, load_model, write_split_record
     from .train import classification_metrics, label_indices, train
 
     if threads:
         torch.set_num_threads(threads)
     train_set, val_set, test_set = fold_parts(examples, folds, f, config.seed, val_fraction)
+    directory = Path(out) / f"fold-{f}"
     start = time.perf_counter()
-    history = train(config, train_set, val_set, Path(out) / f"fold-{f}")
+    on_start = None
+    if reader is not None:  # the fold's split.json, as train writes one: evaluate --split test works on a fold
+        def on_start(run):
+            write_split_record(run, {"train": train_set, "val": val_set, "test": test_set}, reader)
+    history = train(config, train_set, val_set, directory, on_start=on_start)
     seconds = time.perf_counter() - start
-    trained = load_model(Path(out) / f"fold-{f}")
+    (directory / CHECKPOINT).unlink(missing_ok=True)  # only --resume reads it, and cv has no resume
+    trained = load_model(directory)
     predicted = trained.predict(test_set.texts).argmax(1)
     metrics = classification_metrics(label_indices(test_set, trained.labels).tolist(), predicted.tolist(),
                                      trained.labels)
+    keys = {k for k in map(sentence_key, train_set.texts) if k is not None}
+    overlap = sum(1 for text in test_set.texts if sentence_key(text) in keys)
     return {"fold": f, "train": len(train_set), "val": len(val_set), "test": len(test_set),
             "train_seconds": seconds, "best_epoch": history["best_epoch"],
-            "best_val_accuracy": history["best_val_accuracy"], **metrics}
+            "best_val_accuracy": history["best_val_accuracy"], "train_overlap": overlap, **metrics}
 
 
 def cross_validate(config, examples: Examples, out: str | os.PathLike, folds: int = 10, val_fraction: float = 0.1,
-                   workers: int = 1, log: Callable[[str], None] | None = None) -> dict:
+                   workers: int = 1, log: Callable[[str], None] | None = None, reader: dict | None = None) -> dict:
     """Train and test one model per fold; return {"folds": [...], "accuracy": {"mean", "std"}, "macro_f1":
-    {...}, ...} and write it to ``out/cv.json``.
+    {...}, "repeated_lines", ...} and write it to ``out/cv.json``.
 
     ``config.seed`` seeds the folds, the validation parts and every model. ``workers`` > 1 runs folds in
-    that many processes (each with one torch thread). Raises UserError if ``out`` already holds a run.
+    that many processes (each with one torch thread). ``reader``: ``read_examples``'s options that read
+    ``examples`` from its file; given, each fold directory gets its split.json. Each fold's "train_overlap"
+    counts its test sentences with the words of one of its training sentences (``data.sentence_key``): the
+    folds keep lines apart, so a file that repeats sentences puts copies on both sides ("repeated_lines":
+    how many lines repeat an earlier one). Raises UserError if ``out`` already holds a run.
     """
     from .model import write_json
 
@@ -98,10 +110,11 @@ def cross_validate(config, examples: Examples, out: str | os.PathLike, folds: in
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
+    keys = [k for k in map(sentence_key, examples.texts) if k is not None]
     results: list[dict] = []
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(_run_fold, config, examples, parts, f, str(out), val_fraction, 1)
+            futures = [pool.submit(_run_fold, config, examples, parts, f, str(out), val_fraction, 1, reader)
                        for f in range(folds)]
             for future in futures:
                 results.append(future.result())
@@ -109,7 +122,7 @@ def cross_validate(config, examples: Examples, out: str | os.PathLike, folds: in
                     log(_fold_line(results[-1], folds))
     else:
         for f in range(folds):
-            results.append(_run_fold(config, examples, parts, f, str(out), val_fraction, None))
+            results.append(_run_fold(config, examples, parts, f, str(out), val_fraction, None, reader))
             if log:
                 log(_fold_line(results[-1], folds))
     summary = {
@@ -117,6 +130,7 @@ def cross_validate(config, examples: Examples, out: str | os.PathLike, folds: in
         "accuracy": _mean_std([r["accuracy"] for r in results]),
         "macro_f1": _mean_std([r["macro_f1"] for r in results]),
         "train_seconds": sum(r["train_seconds"] for r in results),
+        "repeated_lines": len(keys) - len(set(keys)),
     }
     write_json(out / "cv.json", "cv", **summary)
     return summary

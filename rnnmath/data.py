@@ -306,7 +306,8 @@ def check_labels(examples: Examples, max_labels: int | None = None) -> None:
     why = f"more than --max-labels {limit}" if too_many else "most rows have a label of their own"
     text_distinct = len(set(examples.texts))
     swapped = (" — the text column has only "
-               f"{text_distinct} distinct value(s), so the columns look swapped") if text_distinct <= limit else ""
+               f"{text_distinct} distinct value(s), so the columns look swapped") \
+        if text_distinct <= limit and text_distinct * 2 <= n else ""  # few values, each on several rows: labels
     raise UserError(
         f"{examples.source}: the label {examples.label_field} holds {distinct} distinct values in {n} rows "
         f"({why}), which looks like text, not labels{swapped}; choose the columns with --text-column/"

@@ -4,7 +4,7 @@ classifier's embedding rows from it (as Kim 2014's "non-static" CNN starts from 
 The text format: one word a line followed by its E numbers, separated by spaces (``word v1 v2 ... vE``);
 word2vec and fastText's ``.vec`` files start with a header line ``count E``, GloVe's have none. A ``.gz``
 file is decompressed on the fly. A word that itself holds spaces (some GloVe files) is everything before the
-last E fields.
+last E fields, unless the field before them is a number too: a line with too many numbers is an error.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def read_vectors(path: str | os.PathLike, keep: set[str] | None = None) -> tuple
             continue
         if size is None:
             size = _header(line.split())
-            if size is not None:
+            header = size is not None
+            if header:
                 continue
             size = len(fields) - 1
             if size < 1:
@@ -86,6 +87,10 @@ def read_vectors(path: str | os.PathLike, keep: set[str] | None = None) -> tuple
         if len(fields) < size + 1 or not "".join(fields[:-size]).strip():
             raise UserError(f"{path} line {n}: expected a word and {size} numbers, found {len(fields) - 1} "
                             "field(s) after the first")
+        if len(fields) > size + 1 and _is_number(fields[-size - 1]) \
+                and all(_is_number(v) for v in fields[-size:]):  # "phone 0.1 0.2 0.3 0.4" with E = 3
+            raise UserError(f"{path} line {n}: {len(fields) - 1} numbers after the word, expected {size} (as "
+                            f"{'the header says' if header else 'the first vector has'})")
         word = " ".join(fields[:-size])
         if keep is not None and word not in keep:
             numbers = fields[-size:]

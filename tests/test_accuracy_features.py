@@ -103,6 +103,9 @@ def test_read_vectors_formats(tmp_path, name, header):
     (["a 1 2", "b nan 1"], "line 2:"),
     (["a 1 2", "", "c 1 2 3 4 5 x"], "line 3: 'x' is not"),
     ([""], "holds no vectors"),
+    # one number too many: not a word "phone 0.1" (an outside tester's case)
+    (["a 1 2", "phone 1 2 3"], r"line 2: 3 numbers after the word, expected 2 \(as the first vector has\)"),
+    (["3 2", "a 1 2", "phone 1 2 3"], r"line 3: 3 numbers after the word, expected 2 \(as the header says\)"),
 ])
 def test_malformed_vector_files_name_the_line(tmp_path, lines, message):
     path = write_vectors(tmp_path / "bad.txt", lines)
@@ -187,8 +190,51 @@ def test_cv_command(train_file, tmp_path, capsys):
     assert saved["format"] == "rnnmath-cv" and saved["folds"] == result["folds"]
     for f in range(3):
         assert (out / f"fold-{f}" / "model.safetensors").is_file()
+        assert not (out / f"fold-{f}" / "checkpoint.safetensors").exists()  # cv has no resume: 51 MB a fold on CR
+    texts = {i + 1: line.split("\t")[0] for i, line in enumerate(train_file.read_text().splitlines())}
+    for f in range(3):  # the overlap counted from the fold's split.json: the same tokens
+        parts = json.loads((out / f"fold-{f}" / "split.json").read_text())["parts"]
+        seen = {" ".join(data.tokenize(texts[n])) for n in parts["train"]["lines"]}
+        overlap = sum(" ".join(data.tokenize(texts[n])) in seen for n in parts["test"]["lines"])
+        assert result["folds"][f]["train_overlap"] == overlap
+    # a fold's split.json: evaluate --split test re-reads exactly the fold's test part (an outside tester's case)
+    code, stdout, err = run(capsys, "evaluate", str(out / "fold-1"), "--split", "test", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["accuracy"] == result["folds"][1]["accuracy"]
+    assert json.loads(stdout)["n"] == result["folds"][1]["test"]
     code, _, err = run(capsys, "cv", "--data", str(train_file), "--folds", "3", "--out", str(out), *TINY)
     assert code == 2 and "already holds" in err
+
+
+def test_cv_warns_when_a_file_repeats_sentences(train_file, tmp_path, capsys):
+    """Every line twice: the copies fall on both sides of the folds and the accuracy is inflated; cv says so."""
+    doubled = tmp_path / "doubled.tsv"
+    doubled.write_text(train_file.read_text() * 2)
+    code, stdout, err = run(capsys, "cv", "--data", str(doubled), "--folds", "3", "--out", str(tmp_path / "cv"),
+                            *TINY, "--no-wide", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    overlap = sum(f["train_overlap"] for f in result["folds"])
+    once = json.loads(run(capsys, "cv", "--data", str(train_file), "--folds", "3", "--out", str(tmp_path / "cv1"),
+                          *TINY, "--no-wide", "--json")[1])
+    assert overlap > 200 and result["repeated_lines"] == 200 + once["repeated_lines"]
+    assert (f"warning: {overlap} of 400 test sentences ({overlap / 400:.1%}) have the same words as a training "
+            f"sentence of their fold, because {doubled} repeats sentences ({result['repeated_lines']} line(s) repeat "
+            "an earlier one)") in err
+
+
+@pytest.mark.parametrize("swap", ["columns", "free text"])
+def test_cv_checks_the_label_column_as_train_does(train_file, tmp_path, capsys, swap):
+    rows = [line.split("\t") for line in train_file.read_text().splitlines()]
+    if swap == "columns":
+        lines = [f"{y}\t{t}" for t, y in rows]
+    else:
+        lines = [f"{t}\t{t.split()[0]} note {i}" for i, (t, _) in enumerate(rows)]
+    path = tmp_path / "bad.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    code, _, err = run(capsys, "cv", "--data", str(path), "--folds", "3", "--out", str(tmp_path / "cv"), *TINY)
+    assert code == 2 and err.count("\n") == 1 and "distinct values" in err, err
+    assert not (tmp_path / "cv").exists()
 
 
 def test_one_hot_rows_give_the_same_output_and_word_gradients():

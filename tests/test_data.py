@@ -255,8 +255,9 @@ def test_check_labels_catches_text_in_the_label_column():
         data.check_labels(many)
     data.check_labels(many, max_labels=60)
     unique = Examples(texts[:40], [str(i) for i in range(40)], list(range(1, 41)), "u.txt")
-    with pytest.raises(UserError, match="most rows have a label of their own"):
+    with pytest.raises(UserError, match="most rows have a label of their own") as caught:
         data.check_labels(unique)
+    assert "swapped" not in str(caught.value)  # 40 distinct texts in 40 rows are no label set (an outside tester's)
     data.check_labels(unique, max_labels=40)  # a stated many-class task passes
 
 
