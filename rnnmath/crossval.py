@@ -137,8 +137,10 @@ def cross_validate(config, examples: Examples, out: str | os.PathLike, folds: in
 
 
 def _fold_line(r: dict, k: int) -> str:
-    return (f"fold {r['fold'] + 1}/{k}: accuracy {r['accuracy']:.4f}, macro F1 {r['macro_f1']:.4f} "
-            f"(train {r['train']}, validation {r['val']}, test {r['test']}; {r['train_seconds']:.0f} s)")
+    # named as its directory and in cv.json (0-based), with its place in the run
+    return (f"fold-{r['fold']} ({r['fold'] + 1} of {k}): accuracy {r['accuracy']:.4f}, macro F1 "
+            f"{r['macro_f1']:.4f} (train {r['train']}, validation {r['val']}, test {r['test']}; "
+            f"{r['train_seconds']:.0f} s)")
 
 
 def _mean_std(values: list[float]) -> dict:
