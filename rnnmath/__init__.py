@@ -24,7 +24,14 @@ if TYPE_CHECKING:
     from .layers import GRU, LSTM, RNN, Recurrent, Trace, trace  # noqa: F401
 
 
+# the modules whose settings the docs turn (rnnmath.compiled.enabled, rnnmath.layers.torch_kernels, ...): reachable
+# as attributes after a plain `import rnnmath`, imported on first use like the names above
+_SUBMODULES = {"cells", "compiled", "flow", "fused", "language_model", "layers", "reference"}
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import sets the attribute for later look-ups
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value  # later look-ups skip this function

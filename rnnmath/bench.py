@@ -454,7 +454,7 @@ def report(result: dict) -> str:
     parts.append("\n### Worst ratio per cell over the grid (rnnmath / its torch.nn reference)\n")
     parts.append(markdown_table([{**w, "met": "met" if w["met"] else "MISSED"} for w in result["worst"]], [
         ("cell", "cell", ""), ("mode", "mode", ""), ("threads", "threads", "d"), ("reference", "reference", ""),
-        ("worst ratio", "worst", ".2f"), ("at", "at", ""), ("target", "bound", ".1f"), ("", "met", "")]))
+        ("worst ratio", "worst", ".3f"), ("at", "at", ""), ("target", "bound", ".1f"), ("", "met", "")]))
     parts.append("\n### Layers (I = 128): milliseconds per call, median of interleaved runs\n")
     parts.append("torch.nn is the cell's torch.nn counterpart, torch.nn.LSTM for the cells torch.nn lacks; hand is "
                  "the cell's hand-written fast_scan (none: nan).\n")

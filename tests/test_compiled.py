@@ -264,3 +264,33 @@ def test_generic_path_for_lstm_with_proj_size(chunk, monkeypatch):
     want = run_path(cell, p, xw, state, mask, generic=False)
     assert_close_scaled(got[0], want[0], torch.float64)
     assert_close_scaled(got[1], want[1], torch.float64)
+
+
+def test_the_settings_the_docs_turn_are_reachable_after_import_rnnmath():
+    """rnnmath.compiled.enabled and rnnmath.layers.torch_kernels after a plain `import rnnmath` (an outside
+    tester's AttributeError: the package imports its names lazily)."""
+    import subprocess
+    import sys
+
+    code = ("import rnnmath; rnnmath.compiled.enabled = False; rnnmath.layers.torch_kernels = False; "
+            "print(rnnmath.compiled.chunk_steps, rnnmath.cells.CELLS is rnnmath.CELLS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["8", "True"]
+
+
+def test_compile_seconds_add_up_over_the_layers_that_compile(monkeypatch):
+    """Each layer keeps its own compiled code: two identical layers compile twice, and COMPILE_SECONDS holds
+    the sum (it kept only the last; an outside tester's finding)."""
+    monkeypatch.setattr(compiled, "enabled", True)
+    monkeypatch.setattr(compiled, "min_calls", 1)
+    monkeypatch.setattr(compiled, "COMPILE_SECONDS", {})
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    first = rnnmath.Recurrent(CELLS["peephole_lstm"], 4, 3, dtype=torch.float64)
+    second = rnnmath.Recurrent(CELLS["peephole_lstm"], 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        first(x)
+        once = dict(compiled.COMPILE_SECONDS)
+        second(x)
+    key = "PeepholeLSTMCell B=2 H=3 float64"
+    assert compiled.COMPILE_SECONDS[key] > once[key] > 0
+
