@@ -113,7 +113,9 @@ def test_untraceable_cell_falls_back_to_the_readable_loop():
     assert_close_scaled(got[0], want[0], torch.float64)
 
 
-def test_double_backward_replays_the_readable_loop():
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_double_backward_replays_the_readable_loop(chunk, monkeypatch):
+    monkeypatch.setattr(compiled, "chunk_steps", chunk)
     cell, p, xw, state = case(CELLS["layernorm_lstm"], torch.float64, steps=4)
     inputs = [xw, *state]
     out = {}
