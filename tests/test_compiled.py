@@ -147,12 +147,15 @@ def test_compile_switch_and_unsupported_modes_use_other_paths(monkeypatch):
 
 
 # -- compiled (inductor): few and small, seconds each on 2 cores ------------------------------------------------
-def test_compiled_layer_equals_readable_layer(monkeypatch):
+@pytest.mark.parametrize("chunk", [8, 2])  # T = 5: one step a call; chunks of 2 and a step
+def test_compiled_layer_equals_readable_layer(monkeypatch, chunk):
     """A bidirectional LayerNorm-LSTM layer with lengths: the compiled step and the compiled projection
     against the readable loop, values and gradients, float32; compiled on the second call of the layer
     (min_calls = 3: each call runs the cell twice, once per direction)."""
     monkeypatch.setattr(compiled, "enabled", True)
     monkeypatch.setattr(compiled, "min_calls", 3)
+    monkeypatch.setattr(compiled, "chunk_steps", chunk)
+    monkeypatch.setattr(compiled, "COMPILE_SECONDS", {})
     torch.manual_seed(0)
     dtype = torch.float32
     layer = rnnmath.Recurrent(CELLS["layernorm_lstm"], 3, 4, bidirectional=True, dtype=dtype)
@@ -172,6 +175,7 @@ def test_compiled_layer_equals_readable_layer(monkeypatch):
                          *torch.autograd.grad(loss, [x, *layer.parameters()])]
     assert_close_scaled(results[True], results[False], dtype)
     assert step_key in compiled.COMPILE_SECONDS
+    assert ("LayerNormLSTMCell B=2 H=4 float32 2 steps lengths" in compiled.COMPILE_SECONDS) == (chunk == 2)
     assert "LayerNormLSTMCell project" in compiled.COMPILE_SECONDS
     copy = __import__("copy").deepcopy(layer)  # the compiled code stays outside the layer: copies start afresh
     copy.fast = True
