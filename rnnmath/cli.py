@@ -159,7 +159,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its model files only); "
                    "without it, an --out that holds a run is an error")
     p.add_argument("--json", action="store_true", help="print the history and test metrics as one JSON object")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, per-epoch lines or set-up notes (split sizes, threads, vector coverage; "
+                        "history.json keeps them)")
     p.add_argument("--workers", type=_number(int, 1, 4096), default=1, metavar="N",
                    help="train with N local processes (data-parallel, through torch.distributed's launcher, "
                         "as torchrun --nproc_per_node=N does); --batch-size is per process (default: 1)")

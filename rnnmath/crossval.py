@@ -83,7 +83,10 @@ def _run_fold(config, examples: Examples, folds: list[list[int]], f: int, out: s
     overlap = sum(1 for text in test_set.texts if sentence_key(text) in keys)
     return {"fold": f, "train": len(train_set), "val": len(val_set), "test": len(test_set),
             "train_seconds": seconds, "best_epoch": history["best_epoch"],
-            "best_val_accuracy": history["best_val_accuracy"], "train_overlap": overlap, **metrics}
+            "best_val_accuracy": history["best_val_accuracy"],  # the network's alone
+            "val_accuracy": history["wide"]["val_accuracy"] if isinstance(history.get("wide"), dict)
+            else history["best_val_accuracy"],  # of what predicts: with the wide part mixed in, if there is one
+            "train_overlap": overlap, **metrics}
 
 
 def cross_validate(config, examples: Examples, out: str | os.PathLike, folds: int = 10, val_fraction: float = 0.1,

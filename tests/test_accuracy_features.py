@@ -202,6 +202,10 @@ def test_cv_command(train_file, tmp_path, capsys):
     assert code == 0, err
     assert json.loads(stdout)["accuracy"] == result["folds"][1]["accuracy"]
     assert json.loads(stdout)["n"] == result["folds"][1]["test"]
+    for f in range(3):  # val_accuracy: of what predicts (the mix); best_val_accuracy: the network's alone
+        history = json.loads((out / f"fold-{f}" / "history.json").read_text())
+        assert result["folds"][f]["val_accuracy"] == history["wide"]["val_accuracy"]
+        assert result["folds"][f]["best_val_accuracy"] == history["best_val_accuracy"]
     code, _, err = run(capsys, "cv", "--data", str(train_file), "--folds", "3", "--out", str(out), *TINY)
     assert code == 2 and "already holds" in err
 
