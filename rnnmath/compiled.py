@@ -90,11 +90,21 @@ def by_shape() -> Iterator[None]:
         min_calls = saved
 
 
-chunk_steps: int = 8
-"""Steps per compiled call for small batches: the loop runs K = ``chunk_steps`` steps (their recurrent products
-included) as one compiled graph forward and one backward, and a remainder of fewer than K steps one step a call.
-At B = 1 a step's arithmetic takes a few microseconds and the Python around each call about 10: chunks of 8 cut
-the time of a training step 1.2-1.9 fold (docs/benchmarks.md). 1 turns chunks off."""
+def _steps_from_environment() -> int:
+    text = os.environ.get("RNNMATH_CHUNK_STEPS", "8").strip()
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    warnings.warn(f"rnnmath: RNNMATH_CHUNK_STEPS={text!r} is not a whole number of steps of at least 1; using 8",
+                  stacklevel=2)
+    return 8
+
+
+chunk_steps: int = _steps_from_environment()
+"""Steps per compiled call for small batches (``RNNMATH_CHUNK_STEPS`` at import, default 8): the loop runs
+K = ``chunk_steps`` steps (their recurrent products included) as one compiled graph forward and one backward, and
+a remainder of fewer than K steps one step a call. At B = 1 a step's arithmetic takes a few microseconds and the
+Python around each call about 10: chunks of 8 cut the time of a training step 1.2-1.9 fold
+(docs/benchmarks.md). 1 turns chunks off."""
 
 chunk_max_batch: int = 8
 """Chunks only for batches up to this size. Larger batches spend their time in arithmetic, not in calls (the

@@ -300,3 +300,20 @@ def test_compile_seconds_add_up_over_the_layers_that_compile(monkeypatch):
     key = "PeepholeLSTMCell B=2 H=3 float64"
     assert compiled.COMPILE_SECONDS[key] > once[key] > 0
 
+
+def test_chunk_steps_from_the_environment():
+    """RNNMATH_CHUNK_STEPS (a server's way to turn chunks off, docs/serving.md); a bad value is said, not fatal."""
+    import os
+    import subprocess
+    import sys
+
+    def steps(value):
+        result = subprocess.run([sys.executable, "-c", "import rnnmath; print(rnnmath.compiled.chunk_steps)"],
+                                capture_output=True, text=True, check=True,
+                                env={**os.environ, "RNNMATH_CHUNK_STEPS": value})
+        return result.stdout.strip(), result.stderr
+
+    assert steps("1")[0] == "1" and steps("16")[0] == "16"
+    out, err = steps("zero")
+    assert out == "8" and "RNNMATH_CHUNK_STEPS='zero' is not a whole number of steps" in err
+
