@@ -80,17 +80,17 @@ def read_vectors(path: str | os.PathLike, keep: set[str] | None = None) -> tuple
             header = size is not None
             if header:
                 continue
-            size = len(fields) - 1
+            size, first = len(fields) - 1, n  # no header: the first vector sets E
             if size < 1:
                 raise UserError(f"{path} line {n}: expected 'word v1 v2 ...' or a header 'count dim', "
                                 f"found {line!r}")
+        source = "as the header says" if header else f"as the first vector, line {first}, has"
         if len(fields) < size + 1 or not "".join(fields[:-size]).strip():
-            raise UserError(f"{path} line {n}: expected a word and {size} numbers, found {len(fields) - 1} "
-                            "field(s) after the first")
+            raise UserError(f"{path} line {n}: expected a word and {size} numbers ({source}), found "
+                            f"{len(fields) - 1} field(s) after the first")
         if len(fields) > size + 1 and _is_number(fields[-size - 1]) \
                 and all(_is_number(v) for v in fields[-size:]):  # "phone 0.1 0.2 0.3 0.4" with E = 3
-            raise UserError(f"{path} line {n}: {len(fields) - 1} numbers after the word, expected {size} (as "
-                            f"{'the header says' if header else 'the first vector has'})")
+            raise UserError(f"{path} line {n}: {len(fields) - 1} numbers after the word, expected {size} ({source})")
         word = " ".join(fields[:-size])
         if keep is not None and word not in keep:
             numbers = fields[-size:]

@@ -98,13 +98,14 @@ def test_read_vectors_formats(tmp_path, name, header):
 
 
 @pytest.mark.parametrize("lines,message", [
-    (["a 1 2", "b 1"], "line 2: expected a word and 2 numbers, found 1"),
+    (["a 1 2", "b 1"], r"line 2: expected a word and 2 numbers \(as the first vector, line 1, has\), found 1"),
+    (["2 2", "a 1 2", "b 1"], r"line 3: expected a word and 2 numbers \(as the header says\), found 1"),
     (["a 1 2", "b 1 x"], "line 2: 'x' is not"),
     (["a 1 2", "b nan 1"], "line 2:"),
     (["a 1 2", "", "c 1 2 3 4 5 x"], "line 3: 'x' is not"),
     ([""], "holds no vectors"),
     # one number too many: not a word "phone 0.1" (an outside tester's case)
-    (["a 1 2", "phone 1 2 3"], r"line 2: 3 numbers after the word, expected 2 \(as the first vector has\)"),
+    (["a 1 2", "phone 1 2 3"], r"line 2: 3 numbers after the word, expected 2 \(as the first vector, line 1, has\)"),
     (["3 2", "a 1 2", "phone 1 2 3"], r"line 3: 3 numbers after the word, expected 2 \(as the header says\)"),
 ])
 def test_malformed_vector_files_name_the_line(tmp_path, lines, message):
