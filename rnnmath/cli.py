@@ -377,20 +377,19 @@ def train_command(args: argparse.Namespace) -> int:
         print(json.dumps(result, sort_keys=True))
     else:
         if "members" in history:
+            trained = f"trained an ensemble of {len(history['members'])} on {len(train_set)} sentences"
             network = (f"validation accuracy {history['best_val_accuracy']:.4f} (members: "
                        + ", ".join(f"{m['best_val_accuracy']:.4f}" for m in history["members"]) + ")")
-            trained_what = f"an ensemble of {len(history['members'])}"
         else:
+            trained = f"trained on {len(train_set)} sentences"
             network = (f"best validation accuracy {history['best_val_accuracy']:.4f} at epoch {history['best_epoch']} "
                        f"of {len(history['epochs'])}")
-            trained_what = ""
         if isinstance(history.get("wide"), dict):  # the model predicts with the mix: its accuracy first
             wide = history["wide"]
-            print(f"trained {trained_what + ' ' if trained_what else ''}on {len(train_set)} sentences; validation "
-                  f"accuracy {wide['val_accuracy']:.4f} with the wide part (weight {wide['weight']:g}); the "
-                  f"network alone: {network}")
+            print(f"{trained}; validation accuracy {wide['val_accuracy']:.4f} with the wide part (weight "
+                  f"{wide['weight']:g}); the network alone: {network}")
         else:
-            print(f"trained {trained_what + ' ' if trained_what else ''}on {len(train_set)} sentences; {network}")
+            print(f"{trained}; {network}")
         if len(test):
             print(f"test accuracy {result['test']['accuracy']:.4f} (n={len(test)}), "
                   f"macro F1 {result['test']['macro_f1']:.4f}")

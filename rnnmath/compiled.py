@@ -184,7 +184,7 @@ class _Graphs:
     split: bool  # hw is an input (W_hh left out of the update)
     names: list[str]  # the parameter names that are inputs of the update, in order
     update: object  # the traced Python update (to build chunks from)
-    chunks: dict  # K -> (forward, backward) of K steps in one graph, built on first use (_chunk_graphs)
+    chunks: dict  # K -> (forward, backward, K): K steps in one graph each, built on first use (_chunk_graphs)
 
 
 def _update_function(cell, names: list[str], split: bool, n_state: int, masked: bool, p_all: dict):
