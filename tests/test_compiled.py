@@ -68,6 +68,44 @@ def test_generic_path_equals_readable_loop_for_every_cell(name, dtype, chunk, mo
             assert_close_scaled(got[1], want[1], dtype)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("name", ["peephole_lstm", "gru", "layernorm_lstm"])
+def test_onednn_recurrent_products_equal_the_readable_loop(name, monkeypatch):
+    """The products h W_hhᵀ and ∂L/∂hw W_hh through oneDNN (float32, H >= onednn_min_hidden), lengths included."""
+    monkeypatch.setattr(compiled, "onednn_min_hidden", 1)
+    cell, p, xw, state = case(CELLS[name], torch.float32, hidden=20)
+    product = compiled._Product(p["weight_hh"].detach(), 4)
+    assert product.packed is not None
+    mask = (torch.arange(7).unsqueeze(1) < torch.tensor([7, 0, 3, 1])).unsqueeze(2)
+    got = run_path(cell, p, xw, state, mask, generic=True)
+    want = run_path(cell, p, xw, state, mask, generic=False)
+    assert_close_scaled(got[0], want[0], torch.float32)
+    assert_close_scaled(got[1], want[1], torch.float32)
+    monkeypatch.setattr(compiled, "onednn_min_hidden", 0)  # 0 turns it off; float64 never takes it
+    assert compiled._Product(p["weight_hh"].detach(), 4).packed is None
+    monkeypatch.setattr(compiled, "onednn_min_hidden", 1)
+    assert compiled._Product(p["weight_hh"].detach().double(), 4).packed is None
+
+
+def test_compiled_tanh_is_within_2e_7_of_torch_tanh():
+    """The tanh traced for inductor (float32): series near 0, exp-based beyond; special values as torch.tanh."""
+    x = torch.cat([torch.logspace(-38, 2, 100_000), torch.linspace(0.3, 0.5, 20_001), torch.randn(50_000) * 3])
+    x = torch.cat([x, -x])
+    want = torch.tanh(x.double())
+    got = compiled._tanh(x)
+    assert got.dtype == torch.float32
+    assert ((got.double() - want).abs() / want.abs()).max() < 2e-7
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, 9.0, -9.0, 100.0, float("nan")])
+    torch.testing.assert_close(compiled._tanh(special), torch.tanh(special), equal_nan=True, rtol=0, atol=0)
+    assert torch.signbit(compiled._tanh(torch.tensor(-0.0)))
+    assert compiled._tanh(x.double()) is NotImplemented  # float64 keeps tanh
+    fused = torch.compile(compiled._tanh)(x)  # as inductor compiles it
+    assert ((fused.double() - want).abs() / want.abs()).max() < 2e-7
+    table = compiled._decompositions(True)
+    assert table[torch.ops.aten.tanh.default] is compiled._tanh
+    assert compiled._decompositions(False) is None
+
+
 def test_split_finds_the_recurrent_product_in_every_spelling():
     """addmm(·, h, W.t()) (LSTM), F.linear(h, W, b) (GRU, peephole), F.linear(h, W) (LayerNorm-LSTM): W_hh
     leaves the traced update, whose gradient is then one product after the loop; IndRNN's vector u stays in."""
@@ -156,6 +194,7 @@ def test_compiled_layer_equals_readable_layer(monkeypatch, chunk):
     monkeypatch.setattr(compiled, "min_calls", 3)
     monkeypatch.setattr(compiled, "chunk_steps", chunk)
     monkeypatch.setattr(compiled, "COMPILE_SECONDS", {})
+    monkeypatch.setattr(compiled, "onednn_min_hidden", 1)  # the single steps' products through oneDNN
     torch.manual_seed(0)
     dtype = torch.float32
     layer = rnnmath.Recurrent(CELLS["layernorm_lstm"], 3, 4, bidirectional=True, dtype=dtype)
