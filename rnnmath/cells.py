@@ -67,6 +67,13 @@ def check_token_ids(ids: Tensor, vocab_size: int) -> None:
         )
 
 
+_GATHER_COLUMNS_MAX_ROWS = 64
+"""Token ids with at most this many gate rows G pick W_ih's columns with index_select and transpose the (G, N)
+result; more rows use F.embedding on W_ihᵀ, a view whose rows are strided. Forward and backward together,
+1 thread, 3,840 ids: 101 against 413 µs at G = 3 (the seed configuration), 195 against 634 µs at G = 12,
+590 against 710 µs at G = 64, but 1,200 against 930 µs at G = 256. The same values either way."""
+
+
 class Cell(nn.Module):
     """Base class of every cell: parameters, input projection, initial state and the torch.nn call."""
 
@@ -126,7 +133,11 @@ class Cell(nn.Module):
         check_token_ids(x, weight_ih.shape[1])
         if x.dtype not in (torch.int64, torch.int32):  # embedding's index types; uint8/int8/int16 widen losslessly
             x = x.long()
-        xw = F.embedding(x, weight_ih.t())  # (..., G)
+        if weight_ih.shape[0] <= _GATHER_COLUMNS_MAX_ROWS:  # few gate rows: gather W_ih's columns, then transpose
+            flat = torch.index_select(weight_ih, 1, x.reshape(-1))  # (G, N)
+            xw = flat.t().contiguous().view(*x.shape, weight_ih.shape[0])  # (..., G)
+        else:
+            xw = F.embedding(x, weight_ih.t())  # (..., G)
         return xw if bias_ih is None else xw + bias_ih
 
     @property

@@ -440,33 +440,44 @@ class _GenericScan(torch.autograd.Function):
             else None  # h W_hhᵀ
         keep = mask.unbind(0) if mask is not None else None
         xs = xw.unbind(0)  # per-step views, made once
-        history = [[s[None] for s in state]]  # per segment: each field before the first step, then after each
-        hws = xw.new_empty(T, xw.shape[1], weight_hh.shape[0]) if graphs.split else None  # (T, B, G)
+        B = xw.shape[1]
+        # each field before the first step, then after each (T+1, B, H): the backward pass needs them all, an
+        # inference call only h; written step by step into buffers made once (memory the allocator must find
+        # anew at every step is slower to fill)
+        training = any(ctx.needs_input_grad)
+        fields = [xw.new_empty(T + 1, B, s.shape[1]) for s in (state if training else state[:1])]
+        for f, s in zip(fields, state):
+            f[0] = s
+        hws = xw.new_empty(T, B, weight_hh.shape[0]) if graphs.split and training else None  # (T, B, G)
         for t0, K in _segments(T, chunk):
             if K > 1:
                 inputs = [xw[t0:t0 + K], *state, *([weight_hh] if graphs.split else []), *params,
                           *([mask[t0:t0 + K]] if mask is not None else [])]
                 found = chunk[0](inputs)
-                history.append(found[:n_state])
-                if graphs.split:
+                for f, new in zip(fields, found[:n_state]):
+                    f[t0 + 1:t0 + K + 1] = new
+                if hws is not None:
                     hws[t0:t0 + K] = found[n_state]
                 state = [f[-1] for f in found[:n_state]]
                 continue
             inputs = [xs[t0]]
             if graphs.split:
-                inputs.append(product(state[0], out=hws[t0]))
+                inputs.append(product(state[0], out=hws[t0] if hws is not None else None))
             inputs += state + params
             if keep is not None:
                 inputs.append(keep[t0])
             state = [s.contiguous() for s in graphs.forward(inputs)]
-            history.append([s[None] for s in state])
+            for f, new in zip(fields, state):
+                f[t0 + 1] = new
         ctx.graphs, ctx.chunk, ctx.cell, ctx.p_template = graphs, chunk, cell, p_template
         ctx.n_state, ctx.T = n_state, T
-        fields = [torch.cat([h[i] for h in history]) for i in range(n_state)]  # (T+1, B, H) each
-        ctx.save_for_backward(xw, mask, weight_hh, hws, *fields, *params, *state_and_params[:n_state])
+        if training:
+            ctx.save_for_backward(xw, mask, weight_hh, hws, *fields, *params, *state_and_params[:n_state])
         output = fields[0][1:]
         if mask is not None:
             output = output.masked_fill(~mask, 0.0)
+        if not training:
+            return (output, *state)
         return (output, *(f[-1].clone() for f in fields))
 
     @staticmethod
@@ -485,7 +496,10 @@ class _GenericScan(torch.autograd.Function):
         # g_prev[t]: what the outputs give h before step t (∂L/∂output_{t-1}; nothing before the first step)
         g_prev = torch.cat([torch.zeros_like(grad_output[:1]), grad_output[:-1]])
         # per step only the compiled call and the product ∂L/∂hw_t W_hh; everything else is gathered after the loop
-        dxs, dhws, dparams = [], [], [[] for _ in params]
+        # (∂L/∂x and ∂L/∂hw written step by step into buffers made once, as the forward pass's fields)
+        dx = xw.new_empty(xw.shape)  # (T, B, G_x)
+        dhw = torch.empty_like(hws) if graphs.split else None  # (T, B, G)
+        dparams = [[] for _ in params]
         keep = mask.unbind(0) if mask is not None else None
         lead = 2 if graphs.split else 1
         xs, hw_steps = xw.unbind(0), (hws.unbind(0) if graphs.split else None)
@@ -501,9 +515,9 @@ class _GenericScan(torch.autograd.Function):
                 found = chunk[1]([xw[span], *([hws[span]] if graphs.split else []), *(f[span] for f in fields),
                                   *([weight_hh] if graphs.split else []), *params,
                                   *([mask[span]] if mask is not None else []), g_prev[span], *grads])
-                dxs.append(found[0])
+                dx[span] = found[0]
                 if graphs.split:
-                    dhws.append(found[1])
+                    dhw[span] = found[1]
                 grads = list(found[lead:lead + n_state])
                 for acc, g in zip(dparams, found[lead + n_state:]):
                     acc.append(g)
@@ -513,7 +527,7 @@ class _GenericScan(torch.autograd.Function):
             if keep is not None:
                 inputs.append(keep[t])
             found = graphs.backward(inputs + grads)
-            dxs.append(found[0][None])
+            dx[t] = found[0]
             for acc, g in zip(dparams, found[lead + n_state:lead + n_state + len(params)]):
                 if g is not None:
                     acc.append(g)
@@ -521,7 +535,7 @@ class _GenericScan(torch.autograd.Function):
                       for g, f in zip(found[lead:lead + n_state], fields)]
             direct = found[lead]  # ∂L/∂h_{t-1} other than through hw (None when h enters only the product)
             if graphs.split:
-                dhws.append(found[1][None])
+                dhw[t] = found[1]
                 carried = g_prev[t] if t > 0 else None
                 if direct is not None:
                     carried = direct if carried is None else carried + direct
@@ -530,11 +544,9 @@ class _GenericScan(torch.autograd.Function):
             elif t > 0:
                 dstate[0] = dstate[0] + g_prev[t]
             grads = [g.contiguous() for g in dstate]
-        dx = torch.cat(dxs[::-1])  # (T, B, G_x)
         dparams = [torch.stack(g).sum(0) if g else torch.zeros_like(q) for g, q in zip(dparams, params)]
         dW = None
         if graphs.split and ctx.needs_input_grad[7]:
-            dhw = torch.cat(dhws[::-1])  # (T, B, G)
             G, H = dhw.shape[2], fields[0].shape[2]
             dW = torch.mm(dhw.reshape(-1, G).t(), fields[0][:-1].reshape(-1, H))  # (G, H): one product
         return (None, None, None, None, dx, None, None, dW, *grads, *dparams)
