@@ -436,10 +436,9 @@ class _GenericScan(torch.autograd.Function):
         xw = xw.contiguous()
         state = [s.contiguous() for s in state_and_params[:n_state]]
         params = [q.contiguous() for q in state_and_params[n_state:]]
-        product = _Product(weight_hh, xw.shape[1]) if graphs.split and any(K == 1 for _, K in _segments(T, chunk)) \
-            else None  # h W_hhᵀ
-        keep = mask.unbind(0) if mask is not None else None
-        xs = xw.unbind(0)  # per-step views, made once
+        segments = _segments(T, chunk)
+        singles = sum(K == 1 for _, K in segments)
+        product = _Product(weight_hh, xw.shape[1], _use_onednn(weight_hh, singles)) if graphs.split else None
         B = xw.shape[1]
         # each field before the first step, then after each (T+1, B, H): the backward pass needs them all, an
         # inference call only h; written step by step into buffers made once (memory the allocator must find
@@ -449,7 +448,7 @@ class _GenericScan(torch.autograd.Function):
         for f, s in zip(fields, state):
             f[0] = s
         hws = xw.new_empty(T, B, weight_hh.shape[0]) if graphs.split and training else None  # (T, B, G)
-        for t0, K in _segments(T, chunk):
+        for t0, K in segments:
             if K > 1:
                 inputs = [xw[t0:t0 + K], *state, *([weight_hh] if graphs.split else []), *params,
                           *([mask[t0:t0 + K]] if mask is not None else [])]
@@ -460,12 +459,12 @@ class _GenericScan(torch.autograd.Function):
                     hws[t0:t0 + K] = found[n_state]
                 state = [f[-1] for f in found[:n_state]]
                 continue
-            inputs = [xs[t0]]
+            inputs = [xw[t0]]
             if graphs.split:
                 inputs.append(product(state[0], out=hws[t0] if hws is not None else None))
             inputs += state + params
-            if keep is not None:
-                inputs.append(keep[t0])
+            if mask is not None:
+                inputs.append(mask[t0])
             state = [s.contiguous() for s in graphs.forward(inputs)]
             for f, new in zip(fields, state):
                 f[t0 + 1] = new
@@ -500,15 +499,12 @@ class _GenericScan(torch.autograd.Function):
         dx = xw.new_empty(xw.shape)  # (T, B, G_x)
         dhw = torch.empty_like(hws) if graphs.split else None  # (T, B, G)
         dparams = [[] for _ in params]
-        keep = mask.unbind(0) if mask is not None else None
         lead = 2 if graphs.split else 1
-        xs, hw_steps = xw.unbind(0), (hws.unbind(0) if graphs.split else None)
-        field_steps = [f.unbind(0) for f in fields]
         params = list(params)
         segments = _segments(T, chunk)
+        singles = sum(K == 1 for _, K in segments)
         # ∂L/∂hw W_hh: the product with the matrix W_hhᵀ (H, G)
-        product = _Product(weight_hh.t(), xw.shape[1]) if graphs.split and any(K == 1 for _, K in segments) \
-            else None
+        product = _Product(weight_hh.t(), xw.shape[1], _use_onednn(weight_hh, singles)) if graphs.split else None
         for t0, K in reversed(segments):
             if K > 1:
                 span = slice(t0, t0 + K)
@@ -523,9 +519,9 @@ class _GenericScan(torch.autograd.Function):
                     acc.append(g)
                 continue
             t = t0
-            inputs = [xs[t]] + ([hw_steps[t]] if graphs.split else []) + [f[t] for f in field_steps] + params
-            if keep is not None:
-                inputs.append(keep[t])
+            inputs = [xw[t]] + ([hws[t]] if graphs.split else []) + [f[t] for f in fields] + params
+            if mask is not None:
+                inputs.append(mask[t])
             found = graphs.backward(inputs + grads)
             dx[t] = found[0]
             for acc, g in zip(dparams, found[lead + n_state:lead + n_state + len(params)]):
@@ -560,23 +556,29 @@ def _segments(T: int, chunk) -> list[tuple[int, int]]:
 
 
 onednn_min_hidden: int = 256
-"""Single steps of float32 CPU input with H (W_hh's columns) at least this run the recurrent products
-``h W_hhᵀ`` and ``∂L/∂hw W_hh`` through oneDNN's matrix product on W_hh reordered once per call into its own
-layout, as torch.nn.LSTM's oneDNN kernel does, instead of ATen's mm (MKL). Measured on this CPU, 1 thread,
-one product at B = 64: 5.4 against 7.2 ms at H = 1024, 0.33 against 0.38 ms at H = 256, but 32 against 25 µs
-at H = 64 (docs/benchmarks.md). 0 or a huge value turns it off."""
+"""A call with at least :data:`onednn_min_steps` single steps (not chunks), float32, and H (W_hh's columns) at
+least this runs their recurrent products ``h W_hhᵀ`` and ``∂L/∂hw W_hh`` through oneDNN's matrix product on
+W_hh reordered once per call into its own layout, as torch.nn.LSTM's oneDNN kernel does, instead of ATen's mm
+(MKL). Measured on this CPU, 1 thread, one product at B = 64: 5.4 against 7.2 ms at H = 1024, 0.33 against
+0.38 ms at H = 256, but 32 against 25 µs at H = 64; the reordering costs about one product (4.8 ms at H = 1024,
+B = 64; 0.6 ms at H = 64, B = 1). 0 turns it off."""
+
+onednn_min_steps: int = 16
+"""See :data:`onednn_min_hidden`: fewer single steps than this do not repay reordering W_hh."""
+
+
+def _use_onednn(weight_hh: Tensor, steps: int) -> bool:
+    return (weight_hh.dtype == torch.float32 and weight_hh.shape[1] >= onednn_min_hidden > 0
+            and steps >= onednn_min_steps and torch.backends.mkldnn.is_available())
 
 
 class _Product:
-    """x ↦ x Mᵀ for a fixed matrix M (N, K): oneDNN's product on M reordered once for batch size B where
-    :data:`onednn_min_hidden` asks for it, else ATen's mm (``out`` then receives it)."""
+    """x ↦ x Mᵀ for a fixed matrix M (N, K): with ``onednn``, oneDNN's product on M reordered once for batch
+    size B; else ATen's mm (``out`` then receives it)."""
 
-    def __init__(self, matrix: Tensor, batch: int) -> None:
+    def __init__(self, matrix: Tensor, batch: int, onednn: bool) -> None:
         self.matrix = matrix
-        self.packed = None
-        if (matrix.dtype == torch.float32 and matrix.shape[1] >= onednn_min_hidden > 0
-                and torch.backends.mkldnn.is_available()):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(matrix.contiguous(), batch)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(matrix.contiguous(), batch) if onednn else None
 
     def __call__(self, x: Tensor, add: Tensor | None = None, out: Tensor | None = None) -> Tensor:
         if self.packed is None:

@@ -73,18 +73,17 @@ def test_generic_path_equals_readable_loop_for_every_cell(name, dtype, chunk, mo
 def test_onednn_recurrent_products_equal_the_readable_loop(name, monkeypatch):
     """The products h W_hhᵀ and ∂L/∂hw W_hh through oneDNN (float32, H >= onednn_min_hidden), lengths included."""
     monkeypatch.setattr(compiled, "onednn_min_hidden", 1)
-    cell, p, xw, state = case(CELLS[name], torch.float32, hidden=20)
-    product = compiled._Product(p["weight_hh"].detach(), 4)
-    assert product.packed is not None
+    monkeypatch.setattr(compiled, "onednn_min_steps", 7)
+    cell, p, xw, state = case(CELLS[name], torch.float32, hidden=20)  # T = 7 single steps
+    assert compiled._use_onednn(p["weight_hh"], 7) and not compiled._use_onednn(p["weight_hh"], 6)
     mask = (torch.arange(7).unsqueeze(1) < torch.tensor([7, 0, 3, 1])).unsqueeze(2)
     got = run_path(cell, p, xw, state, mask, generic=True)
     want = run_path(cell, p, xw, state, mask, generic=False)
     assert_close_scaled(got[0], want[0], torch.float32)
     assert_close_scaled(got[1], want[1], torch.float32)
-    monkeypatch.setattr(compiled, "onednn_min_hidden", 0)  # 0 turns it off; float64 never takes it
-    assert compiled._Product(p["weight_hh"].detach(), 4).packed is None
-    monkeypatch.setattr(compiled, "onednn_min_hidden", 1)
-    assert compiled._Product(p["weight_hh"].detach().double(), 4).packed is None
+    assert not compiled._use_onednn(p["weight_hh"].double(), 7)  # float64 never takes it
+    monkeypatch.setattr(compiled, "onednn_min_hidden", 0)  # 0 turns it off
+    assert not compiled._use_onednn(p["weight_hh"], 7)
 
 
 def test_compiled_tanh_is_within_2e_7_of_torch_tanh():
@@ -195,6 +194,7 @@ def test_compiled_layer_equals_readable_layer(monkeypatch, chunk):
     monkeypatch.setattr(compiled, "chunk_steps", chunk)
     monkeypatch.setattr(compiled, "COMPILE_SECONDS", {})
     monkeypatch.setattr(compiled, "onednn_min_hidden", 1)  # the single steps' products through oneDNN
+    monkeypatch.setattr(compiled, "onednn_min_steps", 1)
     torch.manual_seed(0)
     dtype = torch.float32
     layer = rnnmath.Recurrent(CELLS["layernorm_lstm"], 3, 4, bidirectional=True, dtype=dtype)
