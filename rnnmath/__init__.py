@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 _LAZY = {
     "CELLS": "cells", "Cell": "cells", "GRUCell": "cells", "HiddenState": "cells", "LSTMCell": "cells",
-    "LSTMState": "cells", "RNNCell": "cells",
+    "LSTMState": "cells", "RNNCell": "cells", "LayerNormLSTMCell": "cells", "PeepholeLSTMCell": "cells",
+    "IndRNNCell": "cells", "MinGRUCell": "cells", "MinLSTMCell": "cells",
     "GRU": "layers", "LSTM": "layers", "RNN": "layers", "Recurrent": "layers", "Trace": "layers", "trace": "layers",
     "LanguageModel": "language_model", "tbptt_batches": "language_model",  # a tool built on the layers
 }
@@ -19,7 +20,20 @@ __all__ = sorted(_LAZY)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .cells import CELLS, Cell, GRUCell, HiddenState, LSTMCell, LSTMState, RNNCell  # noqa: F401
+    from .cells import (  # noqa: F401
+        CELLS,
+        Cell,
+        GRUCell,
+        HiddenState,
+        IndRNNCell,
+        LayerNormLSTMCell,
+        LSTMCell,
+        LSTMState,
+        MinGRUCell,
+        MinLSTMCell,
+        PeepholeLSTMCell,
+        RNNCell,
+    )
     from .language_model import LanguageModel, tbptt_batches  # noqa: F401
     from .layers import GRU, LSTM, RNN, Recurrent, Trace, trace  # noqa: F401
 

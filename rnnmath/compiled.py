@@ -676,12 +676,15 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
     if first:
         if not _due(cell, "project"):
             return cell.project(p, x)
-        fn = _PROJECTS[cell] = torch.compile(lambda p, x: cell.project(p, x), dynamic=True, fullgraph=True)
+        global _compiled_project
+        if _compiled_project is None:
+            _compiled_project = torch.compile(_project_of, dynamic=True, fullgraph=True)
+        fn = _PROJECTS[cell] = _compiled_project
     if fn is _EAGER:
         return cell.project(p, x)
     start = time.perf_counter()
     try:
-        xw = fn(p, x)  # compiles on the first call, and again where torch.compile's guards ask (grad mode, threads)
+        xw = fn(cell, p, x)  # compiles on first use, and again where its guards ask (grad mode, threads, dtype)
     except Exception as error:  # noqa: BLE001
         if _is_compiler_error(error):  # no working compiler: the steps would fail as well
             _give_up(error)
@@ -695,6 +698,18 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
 
 
 _EAGER = object()  # in _PROJECTS: this cell's projection could not be compiled and runs eagerly
+
+
+def _project_of(cell, p: dict, x: Tensor) -> Tensor:
+    return cell.project(p, x)
+
+
+# torch.compile(_project_of), made on first use: ONE compiled function for every cell, the cell an argument, so
+# that layers of one class and dtype share its compiled code (torch.compile guards on the cell's class and the
+# attributes it reads, not its identity); a function per cell counted every layer and direction as a variant
+# of one code object against torch.compile's recompile limit of 8, and a sweep of LayerNorm-LSTM stacks in
+# one process ran past it (an outside tester's finding: eight warnings, then eager projections)
+_compiled_project = None
 
 
 def _give_up(error: Exception) -> None:
