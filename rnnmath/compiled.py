@@ -684,7 +684,10 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
         return cell.project(p, x)
     start = time.perf_counter()
     try:
-        xw = fn(cell, p, x)  # compiles on first use, and again where its guards ask (grad mode, threads, dtype)
+        # compiles on first use, and again where its guards ask (grad mode, threads, dtype); the parameters' sizes
+        # symbolic as the input's, so that layers of other sizes share the code
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+            xw = fn(cell, p, x)
     except Exception as error:  # noqa: BLE001
         if _is_compiler_error(error):  # no working compiler: the steps would fail as well
             _give_up(error)

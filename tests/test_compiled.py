@@ -252,6 +252,26 @@ def test_float32_layernorm_lstm_is_as_exact_as_its_readable_loop(monkeypatch):
         assert error_fast <= 3 * error_readable + 1e-7, (error_fast, error_readable)
 
 
+def test_layers_of_other_sizes_share_the_compiled_projection(monkeypatch):
+    """Six LayerNorm-LSTM layers (stacks of 2 bidirectional layers, three sizes, two dtypes) in one process:
+    the compiled projection is one function with the parameters' sizes symbolic, so they stay under
+    torch.compile's recompile limit of 8 and every layer keeps it (an outside tester's sweep fell back to eager
+    with eight warnings)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(compiled, "enabled", True)
+    monkeypatch.setattr(compiled, "min_calls", 1)
+    monkeypatch.setattr(compiled, "_PROJECTS", __import__("weakref").WeakKeyDictionary())
+    torch._dynamo.reset()
+    cells = []
+    for dtype, hidden in ((torch.float32, 3), (torch.float32, 5), (torch.float64, 4)):
+        layer = rnnmath.Recurrent(CELLS["layernorm_lstm"], 2, hidden, num_layers=2, bidirectional=True, dtype=dtype)
+        layer(torch.randn(3, 9, 2, dtype=dtype))[0].sum().backward()
+        cells += layer.cells
+    assert len(cells) == 6 and all(compiled._PROJECTS[c] is compiled._compiled_project for c in cells)
+    torch._dynamo.reset()
+
+
 def test_a_projection_that_cannot_be_compiled_again_runs_eagerly(monkeypatch):
     """torch.compile's recompile limit (8 variants of one function — LayerNorm-LSTM layers × grad modes × thread
     counts; `rnnmath bench` reached it and lost compilation for every cell after — set to 1 here) costs that
