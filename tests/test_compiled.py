@@ -275,14 +275,15 @@ def test_layers_of_other_sizes_share_the_compiled_projection(monkeypatch):
 
 
 def test_a_projection_that_cannot_be_compiled_again_runs_eagerly(monkeypatch):
-    """torch.compile's recompile limit (8 variants of one function — LayerNorm-LSTM layers × grad modes × thread
-    counts; `rnnmath bench` reached it and lost compilation for every cell after — set to 1 here) costs that
-    layer's compiled projection only: compilation stays on for the rest."""
+    """torch.compile's recompile limit for the projection (`project_variants`, 64; once 8 variants of one
+    function — LayerNorm-LSTM layers × grad modes × thread counts — which `rnnmath bench` reached and lost
+    compilation for every cell after; set to 1 here) costs that layer's compiled projection only: compilation
+    stays on for the rest."""
     import torch._dynamo
 
     monkeypatch.setattr(compiled, "enabled", True)
     monkeypatch.setattr(compiled, "min_calls", 1)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(compiled, "project_variants", 1)
     torch._dynamo.reset()
     torch.manual_seed(0)
     x = torch.randn(3, 2, 4, dtype=torch.float64)
