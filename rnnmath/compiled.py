@@ -237,15 +237,16 @@ def _compile(gm, example, compile: bool):
 
 
 fast_tanh: bool = True
-
+"""Trace float32 tanh as :func:`_tanh` for inductor (default True); False keeps inductor's own vectorised tanh."""
 
 _TANH_TAYLOR = (1.0, -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075)  # of x, x³, ..., x¹³
 
 
 def _tanh(x: Tensor) -> Tensor:
-    """torch.tanh of float32, traced as operations inductor compiles about twice as fast on this CPU (its
-    vectorised tanh, SLEEF's, costs 2.6 ns an element; exp 1.0): for |x| < 0.4 the Taylor series to x¹³ (the
-    next term is below 2e-9), else 1 − 2 / (1 + e^{2|x|}) with the sign of x. Within 2e-7 relative of torch.tanh
+    """torch.tanh of float32, traced as operations inductor compiles about twice as fast on this CPU (compiled,
+    262,144 floats, 1 thread: its vectorised tanh, SLEEF's, 1.46 ns an element, this 0.67, exp alone 0.25): for
+    |x| < 0.4 the Taylor series to x¹³ (the next term is below 2e-9), else 1 − 2 / (1 + e^{2|x|}) with the sign
+    of x. Within 2e-7 relative of torch.tanh
     (tested). Other dtypes keep tanh. (Inductor turns expm1 into exp − 1, so −m/(2+m), m = expm1(−2|x|), would
     lose the relative accuracy near 0.)"""
     if x.dtype != torch.float32:
@@ -436,10 +437,10 @@ class _GenericScan(torch.autograd.Function):
         xw = xw.contiguous()
         state = [s.contiguous() for s in state_and_params[:n_state]]
         params = [q.contiguous() for q in state_and_params[n_state:]]
+        B = xw.shape[1]
         segments = _segments(T, chunk)
         singles = sum(K == 1 for _, K in segments)
-        product = _Product(weight_hh, xw.shape[1], _use_onednn(weight_hh, singles)) if graphs.split else None
-        B = xw.shape[1]
+        product = _Product(weight_hh, B, _use_onednn(weight_hh, singles)) if graphs.split else None  # h W_hhᵀ
         # each field before the first step, then after each (T+1, B, H): the backward pass needs them all, an
         # inference call only h; written step by step into buffers made once (memory the allocator must find
         # anew at every step is slower to fill)
@@ -709,10 +710,10 @@ def _project_of(cell, p: dict, x: Tensor) -> Tensor:
 
 
 # torch.compile(_project_of), made on first use: ONE compiled function for every cell, the cell an argument, so
-# that layers of one class and dtype share its compiled code (torch.compile guards on the cell's class and the
-# attributes it reads, not its identity); a function per cell counted every layer and direction as a variant
-# of one code object against torch.compile's recompile limit of 8, and a sweep of LayerNorm-LSTM stacks in
-# one process ran past it (an outside tester's finding: eight warnings, then eager projections)
+# that layers of one class, size and dtype share its code (its guards check the cell's class and the attributes
+# it reads, not its identity). Each other size, dtype or grad mode is a variant of that one code object: a
+# sweep of LayerNorm-LSTM stacks in one process ran past torch.compile's default limit of 8 (an outside
+# tester's finding: eight warnings, then eager projections), hence project_variants
 _compiled_project = None
 
 project_variants: int = 64
