@@ -275,7 +275,7 @@ def test_torch_kernel_path_is_not_taken_where_the_step_matters():
     assert not rnnmath.LSTM(4, 5)._torch_kernel_serves(x, torch.tensor([3, 0]))
 
     class Mine(rnnmath.LSTMCell):
-        pass
+        """A subclass with nothing changed: still not torch's kernel (its step could differ)."""
 
     assert not rnnmath.Recurrent(Mine, 4, 5)._torch_kernel_serves(x, None)
     layer = rnnmath.GRU(4, 5)
