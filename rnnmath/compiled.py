@@ -439,8 +439,8 @@ class _GenericScan(torch.autograd.Function):
         params = [q.contiguous() for q in state_and_params[n_state:]]
         B = xw.shape[1]
         segments = _segments(T, chunk)
-        singles = sum(K == 1 for _, K in segments)
-        product = _Product(weight_hh, B, _use_onednn(weight_hh, singles)) if graphs.split else None  # h W_hhᵀ
+        onednn = _use_onednn(weight_hh, sum(K == 1 for _, K in segments))  # for both passes' products
+        product = _Product(weight_hh, B, onednn) if graphs.split else None  # h W_hhᵀ
         # each field before the first step, then after each (T+1, B, H): the backward pass needs them all, an
         # inference call only h; written step by step into buffers made once (memory the allocator must find
         # anew at every step is slower to fill)
@@ -470,7 +470,7 @@ class _GenericScan(torch.autograd.Function):
             for f, new in zip(fields, state):
                 f[t0 + 1] = new
         ctx.graphs, ctx.chunk, ctx.cell, ctx.p_template = graphs, chunk, cell, p_template
-        ctx.n_state, ctx.T = n_state, T
+        ctx.n_state, ctx.T, ctx.segments, ctx.onednn = n_state, T, segments, onednn
         if training:
             ctx.save_for_backward(xw, mask, weight_hh, hws, *fields, *params, *state_and_params[:n_state])
         output = fields[0][1:]
@@ -482,7 +482,7 @@ class _GenericScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *grad_last):
-        graphs, chunk, n_state, T = ctx.graphs, ctx.chunk, ctx.n_state, ctx.T
+        graphs, chunk, n_state, T, segments = ctx.graphs, ctx.chunk, ctx.n_state, ctx.T, ctx.segments
         xw, mask, weight_hh, hws, *rest = ctx.saved_tensors
         fields, params, state0 = rest[:n_state], rest[n_state:-n_state], rest[-n_state:]
         if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
@@ -502,10 +502,8 @@ class _GenericScan(torch.autograd.Function):
         dparams = [[] for _ in params]
         lead = 2 if graphs.split else 1
         params = list(params)
-        segments = _segments(T, chunk)
-        singles = sum(K == 1 for _, K in segments)
         # ∂L/∂hw W_hh: the product with the matrix W_hhᵀ (H, G)
-        product = _Product(weight_hh.t(), xw.shape[1], _use_onednn(weight_hh, singles)) if graphs.split else None
+        product = _Product(weight_hh.t(), xw.shape[1], ctx.onednn) if graphs.split else None
         for t0, K in reversed(segments):
             if K > 1:
                 span = slice(t0, t0 + K)

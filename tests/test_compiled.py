@@ -255,8 +255,7 @@ def test_float32_layernorm_lstm_is_as_exact_as_its_readable_loop(monkeypatch):
 def test_layers_of_other_sizes_share_the_compiled_projection(monkeypatch):
     """Six LayerNorm-LSTM layers (stacks of 2 bidirectional layers, three sizes, two dtypes) in one process:
     the compiled projection is one function allowed 64 variants instead of torch.compile's default 8, so
-    every layer keeps it (an outside tester's sweep fell back to eager
-    with eight warnings)."""
+    every layer keeps it (an outside tester's sweep fell back to eager with eight warnings)."""
     import torch._dynamo
 
     monkeypatch.setattr(compiled, "enabled", True)
