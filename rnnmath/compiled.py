@@ -442,8 +442,8 @@ class _GenericScan(torch.autograd.Function):
         onednn = _use_onednn(weight_hh, sum(K == 1 for _, K in segments))  # for both passes' products
         product = _Product(weight_hh, B, onednn) if graphs.split else None  # h W_hhᵀ
         # each field before the first step, then after each (T+1, B, H): the backward pass needs them all, an
-        # inference call only h; written step by step into buffers made once (memory the allocator must find
-        # anew at every step is slower to fill)
+        # inference call (ctx: _Inference) only h; written step by step into buffers made once (memory the
+        # allocator must find anew at every step is slower to fill)
         training = any(ctx.needs_input_grad)
         fields = [xw.new_empty(T + 1, B, s.shape[1]) for s in (state if training else state[:1])]
         for f, s in zip(fields, state):
@@ -660,9 +660,22 @@ def generic_scan(cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, compi
     chunk = None
     if 1 < chunk_steps <= T and xw.shape[1] <= chunk_max_batch:
         chunk = _chunk_graphs(cell, graphs, chunk_steps, xw, list(state), weight_hh, params, mask, compile)
-    output, *last = _GenericScan.apply(graphs, chunk, cell, template, xw, mask, len(state), weight_hh, *state,
-                                       *params)
+    args = (graphs, chunk, cell, template, xw, mask, len(state), weight_hh, *state, *params)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (xw, weight_hh, *state, *params)):
+        output, *last = _GenericScan.apply(*args)
+    else:  # nothing to differentiate (torch.no_grad(), inference): the forward pass alone, keeping only h
+        output, *last = _GenericScan.forward(_Inference(), *args)
     return output, type(state)(*last)
+
+
+class _Inference:
+    """The ctx of a :class:`_GenericScan` forward pass that autograd does not record: no input needs a gradient
+    (autograd.Function's own ctx says they do under torch.no_grad() whenever they require one)."""
+
+    needs_input_grad: tuple = ()
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
 
 
 def project(cell, p: dict, x: Tensor) -> Tensor:

@@ -416,3 +416,27 @@ def test_chunk_steps_from_the_environment():
     out, err = steps("zero")
     assert out == "8" and "RNNMATH_CHUNK_STEPS='zero' is not a whole number of steps" in err
 
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("name", ["lstm", "peephole_lstm", "mingru"])
+def test_a_call_without_gradients_runs_the_forward_pass_alone_and_gives_the_same_values(name, chunk, monkeypatch):
+    """Under torch.no_grad() nothing is recorded for autograd and only h is kept (autograd.Function's ctx would
+    say the parameters need gradients there); the outputs and last state equal the recorded call's."""
+    monkeypatch.setattr(compiled, "chunk_steps", chunk)
+    cell, p, xw, state = case(CELLS[name], torch.float64)
+    mask = (torch.arange(7).unsqueeze(1) < torch.tensor([7, 0, 3, 1])).unsqueeze(2)
+    for m in (None, mask):
+        want_output, want_last = compiled.generic_scan(cell, p, xw, state, m, compile=False)
+        assert want_output.grad_fn is not None
+
+        def refuse(*args):
+            raise AssertionError("autograd.Function.apply called without gradients to record")
+
+        with monkeypatch.context() as patch, torch.no_grad():
+            patch.setattr(compiled._GenericScan, "apply", refuse)
+            output, last = compiled.generic_scan(cell, p, xw, state, m, compile=False)
+        assert output.grad_fn is None
+        torch.testing.assert_close(output, want_output.detach(), rtol=0, atol=0)
+        for a, b in zip(last, want_last, strict=True):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
