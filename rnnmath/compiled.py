@@ -30,8 +30,9 @@ hand-written derivative:
 5. **Chunks** (batches up to :data:`chunk_max_batch`). At B = 1 a step is a few microseconds of arithmetic and
    about ten of Python around the calls, so there the loop runs :data:`chunk_steps` steps per call: the same
    update and its vector-Jacobian product unrolled K times, with the products ``h W_hhᵀ`` and ``∂L/∂hw W_hh``
-   inside, traced and compiled as one graph each (on first use, per K and shapes); the steps left over run one
-   a call. The saved states and ∂L/∂hw are the same as above, so ∂L/∂W_hh is still one product.
+   inside, traced and compiled as one graph each (on first use, per K and shapes); the steps left over run as
+   chunks of K/2, K/4, ... where they fit, then one a call (:func:`chunk_sizes`). The saved states and ∂L/∂hw
+   are the same as above, so ∂L/∂W_hh is still one product.
 
 Lengths (``mask`` (T, B, 1)) are part of the traced update: past a sequence's length the state is carried
 unchanged, exactly as in ``scan``. The values equal the readable loop's within floating-point tolerance
@@ -102,9 +103,10 @@ def _steps_from_environment() -> int:
 chunk_steps: int = _steps_from_environment()
 """Steps per compiled call for small batches (``RNNMATH_CHUNK_STEPS`` at import, default 8): the loop runs
 K = ``chunk_steps`` steps (their recurrent products included) as one compiled graph forward and one backward, and
-a remainder of fewer than K steps one step a call. At B = 1 a step's arithmetic takes a few microseconds and the
-Python around each call about 10: chunks of 8 cut the time of a training step 1.2-1.9 fold
-(docs/benchmarks.md). 1 turns chunks off."""
+a remainder of fewer than K steps as chunks of K/2, K/4, ... and single steps (:func:`chunk_sizes`). At B = 1 a
+step's arithmetic takes a few microseconds and the Python around each call about 10: chunks of 8 cut the time of a
+training step 1.2-1.9 fold, and the half chunks for the remainder 7-9 % more at T = 30 (docs/benchmarks.md).
+1 turns chunks off."""
 
 chunk_max_batch: int = 8
 """Chunks only for batches up to this size. Larger batches spend their time in arithmetic, not in calls (the
@@ -184,7 +186,7 @@ class _Graphs:
     split: bool  # hw is an input (W_hh left out of the update)
     names: list[str]  # the parameter names that are inputs of the update, in order
     update: object  # the traced Python update (to build chunks from)
-    chunks: dict  # K -> (forward, backward, K): K steps in one graph each, built on first use (_chunk_graphs)
+    chunks: dict  # K -> (forward, backward): K steps in one graph each, built on first use (_chunk_graphs)
 
 
 def _update_function(cell, names: list[str], split: bool, n_state: int, masked: bool, p_all: dict):
@@ -370,7 +372,7 @@ def _chunk_functions(graphs: _Graphs, K: int, n_state: int, n_params: int, maske
 
 def _chunk_graphs(cell, graphs: _Graphs, K: int, xw: Tensor, state: list, weight_hh: Tensor, params: list,
                   mask: Tensor | None, compile: bool):
-    """(forward, backward, K): K steps for these shapes in one graph each, traced and compiled on first use."""
+    """(forward, backward): K steps for these shapes in one graph each, traced and compiled on first use."""
     if K in graphs.chunks:
         return graphs.chunks[K]
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -390,7 +392,7 @@ def _chunk_graphs(cell, graphs: _Graphs, K: int, xw: Tensor, state: list, weight
                        torch.zeros_like(fields[0]), *(torch.ones_like(s) for s in state)]
     fwd = make_fx(forward, decompositions, tracing_mode="fake")(xs, *rest)
     bwd = make_fx(backward, decompositions, tracing_mode="fake")(*backward_inputs)
-    graphs.chunks[K] = (_compile(fwd, [xs, *rest], compile), _compile(bwd, backward_inputs, compile), K)
+    graphs.chunks[K] = (_compile(fwd, [xs, *rest], compile), _compile(bwd, backward_inputs, compile))
     if compile:
         _count_compile(f"{type(cell).__name__} B={xw.shape[1]} H={state[0].shape[1]} {str(xw.dtype)[6:]} {K} steps"
                        + (" lengths" if masked else ""), start)
@@ -430,7 +432,7 @@ class _GenericScan(torch.autograd.Function):
     """The time loop of any cell with the derived update (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, graphs, chunk, cell, p_template, xw, mask, n_state, weight_hh, *state_and_params):
+    def forward(ctx, graphs, chunks, cell, p_template, xw, mask, n_state, weight_hh, *state_and_params):
         T = xw.shape[0]
         # the compiled code assumes the layouts it was traced with: contiguous (expanded or transposed inputs,
         # e.g. the gradient of a sum, would fail its stride checks)
@@ -438,7 +440,7 @@ class _GenericScan(torch.autograd.Function):
         state = [s.contiguous() for s in state_and_params[:n_state]]
         params = [q.contiguous() for q in state_and_params[n_state:]]
         B = xw.shape[1]
-        segments = _segments(T, chunk)
+        segments = _segments(T, chunks)
         onednn = _use_onednn(weight_hh, sum(K == 1 for _, K in segments))  # for both passes' products
         product = _Product(weight_hh, B, onednn) if graphs.split else None  # h W_hhᵀ
         # each field before the first step, then after each (T+1, B, H): the backward pass needs them all, an
@@ -453,7 +455,7 @@ class _GenericScan(torch.autograd.Function):
             if K > 1:
                 inputs = [xw[t0:t0 + K], *state, *([weight_hh] if graphs.split else []), *params,
                           *([mask[t0:t0 + K]] if mask is not None else [])]
-                found = chunk[0](inputs)
+                found = chunks[K][0](inputs)
                 for f, new in zip(fields, found[:n_state]):
                     f[t0 + 1:t0 + K + 1] = new
                 if hws is not None:
@@ -469,7 +471,7 @@ class _GenericScan(torch.autograd.Function):
             state = [s.contiguous() for s in graphs.forward(inputs)]
             for f, new in zip(fields, state):
                 f[t0 + 1] = new
-        ctx.graphs, ctx.chunk, ctx.cell, ctx.p_template = graphs, chunk, cell, p_template
+        ctx.graphs, ctx.chunks, ctx.cell, ctx.p_template = graphs, chunks, cell, p_template
         ctx.n_state, ctx.T, ctx.segments, ctx.onednn = n_state, T, segments, onednn
         if training:
             ctx.save_for_backward(xw, mask, weight_hh, hws, *fields, *params, *state_and_params[:n_state])
@@ -482,7 +484,7 @@ class _GenericScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *grad_last):
-        graphs, chunk, n_state, T, segments = ctx.graphs, ctx.chunk, ctx.n_state, ctx.T, ctx.segments
+        graphs, chunks, n_state, T, segments = ctx.graphs, ctx.chunks, ctx.n_state, ctx.T, ctx.segments
         xw, mask, weight_hh, hws, *rest = ctx.saved_tensors
         fields, params, state0 = rest[:n_state], rest[n_state:-n_state], rest[-n_state:]
         if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
@@ -507,7 +509,7 @@ class _GenericScan(torch.autograd.Function):
         for t0, K in reversed(segments):
             if K > 1:
                 span = slice(t0, t0 + K)
-                found = chunk[1]([xw[span], *([hws[span]] if graphs.split else []), *(f[span] for f in fields),
+                found = chunks[K][1]([xw[span], *([hws[span]] if graphs.split else []), *(f[span] for f in fields),
                                   *([weight_hh] if graphs.split else []), *params,
                                   *([mask[span]] if mask is not None else []), g_prev[span], *grads])
                 dx[span] = found[0]
@@ -547,11 +549,28 @@ class _GenericScan(torch.autograd.Function):
         return (None, None, None, None, dx, None, None, dW, *grads, *dparams)
 
 
-def _segments(T: int, chunk) -> list[tuple[int, int]]:
-    """(first step, steps) of each call: chunks of K steps while K fit, then single steps."""
-    K = chunk[2] if chunk is not None else 1
-    whole = T // K * K if K > 1 else 0
-    return [(t, K) for t in range(0, whole, K)] + [(t, 1) for t in range(whole, T)]
+def chunk_sizes(T: int) -> list[int]:
+    """The steps of each call for a sequence of T steps with chunks (:data:`chunk_steps` = K): K while K steps
+    are left, then halves of K (K // 2, K // 4, ... down to 2) where they fit, then single steps — for K = 8
+    and T = 30: 8, 8, 8, 4, 2. At most one chunk of each smaller size, so at most log2 K graphs per shape."""
+    K = chunk_steps
+    sizes = [K] * (T // K) if K > 1 else []
+    left, size = T - sum(sizes), K // 2
+    while size >= 2:
+        if left >= size:
+            sizes.append(size)
+            left -= size
+        size //= 2
+    return sizes + [1] * left
+
+
+def _segments(T: int, chunks: dict | None) -> list[tuple[int, int]]:
+    """(first step, steps) of each call: :func:`chunk_sizes` with chunks, else single steps."""
+    sizes = chunk_sizes(T) if chunks else [1] * T
+    starts = [0]
+    for K in sizes[:-1]:
+        starts.append(starts[-1] + K)
+    return list(zip(starts, sizes))
 
 
 onednn_min_hidden: int = 256
@@ -657,10 +676,11 @@ def generic_scan(cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, compi
     weight_hh = p["weight_hh"] if graphs.split else xw.new_zeros(0, 0)
     params = [p[n] for n in graphs.names]
     template = {n: t for n, t in p.items() if not isinstance(t, Tensor)}
-    chunk = None
+    chunks = None
     if 1 < chunk_steps <= T and xw.shape[1] <= chunk_max_batch:
-        chunk = _chunk_graphs(cell, graphs, chunk_steps, xw, list(state), weight_hh, params, mask, compile)
-    args = (graphs, chunk, cell, template, xw, mask, len(state), weight_hh, *state, *params)
+        chunks = {K: _chunk_graphs(cell, graphs, K, xw, list(state), weight_hh, params, mask, compile)
+                  for K in set(chunk_sizes(T)) - {1}}
+    args = (graphs, chunks, cell, template, xw, mask, len(state), weight_hh, *state, *params)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (xw, weight_hh, *state, *params)):
         output, *last = _GenericScan.apply(*args)
     else:  # nothing to differentiate (torch.no_grad(), inference): the forward pass alone, keeping only h

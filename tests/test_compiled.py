@@ -52,7 +52,8 @@ def case(cell_class, dtype, hidden=5, batch=4, steps=7, seed=0, **kwargs):
     return cell, p, xw, state
 
 
-@pytest.mark.parametrize("chunk", [1, 3])  # one step a call; chunks of 3 steps and a remainder of 1 (T = 7)
+# T = 7: one step a call; chunks of 3, 3 and a step; of 4, then 2 (a half chunk) and a step
+@pytest.mark.parametrize("chunk", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", list(CELLS) + ["rnn_relu"])
 def test_generic_path_equals_readable_loop_for_every_cell(name, dtype, chunk, monkeypatch):
@@ -440,3 +441,12 @@ def test_a_call_without_gradients_runs_the_forward_pass_alone_and_gives_the_same
         torch.testing.assert_close(output, want_output.detach(), rtol=0, atol=0)
         for a, b in zip(last, want_last, strict=True):
             torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("K", "T", "sizes"), [
+    (8, 30, [8, 8, 8, 4, 2]), (8, 100, [8] * 12 + [4]), (8, 7, [4, 2, 1]), (8, 16, [8, 8]), (8, 1, [1]),
+    (1, 3, [1, 1, 1]), (3, 7, [3, 3, 1]), (10, 29, [10, 10, 5, 2, 1, 1]),
+])
+def test_chunk_sizes_are_whole_chunks_then_halves_then_single_steps(K, T, sizes, monkeypatch):
+    monkeypatch.setattr(compiled, "chunk_steps", K)
+    assert compiled.chunk_sizes(T) == sizes
