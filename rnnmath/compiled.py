@@ -27,7 +27,7 @@ hand-written derivative:
    vector-Jacobian call and one product ``∂L/∂hw_t W_hh`` a step, and after the loop ``∂L/∂W_hh =
    Σ_t ∂L/∂hw_tᵀ h_{t-1}`` is ONE matrix product over all steps (as in :mod:`rnnmath.fused`). ∂L/∂x is
    returned whole, so the layer's input projection gets its weight gradient as one product as well.
-5. **Chunks** (batches up to :data:`chunk_max_batch`). At B = 1 a step is a few microseconds of arithmetic and
+5. **Chunks** (small steps: :data:`chunk_max_work`). At B = 1 a step is a few microseconds of arithmetic and
    about ten of Python around the calls, so there the loop runs :data:`chunk_steps` steps per call: the same
    update and its vector-Jacobian product unrolled K times, with the products ``h W_hhᵀ`` and ``∂L/∂hw W_hh``
    inside, traced and compiled as one graph each (on first use, per K and shapes); the steps left over run as
@@ -108,12 +108,23 @@ step's arithmetic takes a few microseconds and the Python around each call about
 training step 1.2-1.9 fold, and the half chunks for the remainder 7-9 % more at T = 30 (docs/benchmarks.md).
 1 turns chunks off."""
 
-chunk_max_batch: int = 8
-"""Chunks only for batches up to this size. Larger batches spend their time in arithmetic, not in calls (the
-peephole LSTM at B = 64, H = 64: 1.43 against 1.39 x torch.nn.LSTM without and with chunks), and compiling 8
-steps takes about 4 times as long as compiling one (17-20 s against 4 s on this machine the first time; inductor
-caches it on disk). At B = 8 chunks still paid (peephole LSTM, H = 64, T = 100, training: 2.53 against 2.10 x
-torch.nn.LSTM without and with them); between 8 and 64 nothing was measured."""
+chunk_max_work: int = 1 << 23
+"""Chunks only where a step's recurrent product is at most this many multiply-adds, B · G · H (W_hh's G × H;
+cells without one, such as minGRU and IndRNN, always): up to B = 32 at H = 256, B = 8 at H = 512, B = 2 at
+H = 1024. There a step's arithmetic is comparable with the Python and dispatch around its calls. Measured
+side by side (rnnmath / torch.nn.LSTM without and with chunks, rounds in alternating order, this CPU): peephole
+LSTM, H = 64, T = 100, B = 64, 2 threads, training 1.34 -> 1.15; H = 256, T = 30, B = 32, 2 threads 1.88 -> 1.62;
+minGRU, H = 64, B = 32 0.83 -> 0.63. Above it, the single steps' oneDNN products win: H = 256, B = 64 1.20
+against 1.24 with chunks; H = 1024, B = 32 1.13 against 1.55. Compiling the chunks takes several times as long
+as one step (docs/cells.md). 0 turns chunks off."""
+
+
+def _chunks_pay(p: dict, B: int) -> bool:
+    """Whether a step of this cell at batch size B is small enough to run in chunks (:data:`chunk_max_work`)."""
+    w = p.get("weight_hh")
+    work = B * w.shape[0] * w.shape[1] if isinstance(w, Tensor) and w.dim() == 2 else 0
+    return chunk_max_work > 0 and work <= chunk_max_work
+
 
 COMPILE_SECONDS: dict[str, float] = {}
 """Seconds spent tracing and compiling, per cell class and shapes (e.g. ``"LayerNormLSTMCell B=64 H=256 ..."``),
@@ -677,7 +688,7 @@ def generic_scan(cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, compi
     params = [p[n] for n in graphs.names]
     template = {n: t for n, t in p.items() if not isinstance(t, Tensor)}
     chunks = None
-    if 1 < chunk_steps <= T and xw.shape[1] <= chunk_max_batch:
+    if 1 < chunk_steps <= T and _chunks_pay(p, xw.shape[1]):
         chunks = {K: _chunk_graphs(cell, graphs, K, xw, list(state), weight_hh, params, mask, compile)
                   for K in set(chunk_sizes(T)) - {1}}
     args = (graphs, chunks, cell, template, xw, mask, len(state), weight_hh, *state, *params)
