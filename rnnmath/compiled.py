@@ -119,11 +119,23 @@ against 1.24 with chunks; H = 1024, B = 32 1.13 against 1.55. Compiling the chun
 as one step (docs/cells.md). 0 turns chunks off."""
 
 
+chunk_max_weight_threaded: int = 1 << 20
+"""With more than one thread, no chunks where W_hh has more elements than this (float32: 4 MiB; H = 1024 for an
+LSTM-like cell): oneDNN spreads a small batch's product over the threads where ATen's ``mm`` in the chunk graphs
+does not (B = 1, H = 1024, 2 threads: 144 against 365 µs a product). Peephole LSTM, H = 1024, B = 1, 2 threads,
+rnnmath / torch.nn.LSTM with and without chunks: T = 30 training 0.86 against 0.71, inference 2.49 against 1.48;
+with 1 thread chunks win (0.56 against 0.74, 1.05 against 1.24)."""
+
+
 def _chunks_pay(p: dict, B: int) -> bool:
-    """Whether a step of this cell at batch size B is small enough to run in chunks (:data:`chunk_max_work`)."""
+    """Whether a step of this cell at batch size B is small enough to run in chunks (:data:`chunk_max_work`,
+    :data:`chunk_max_weight_threaded`)."""
     w = p.get("weight_hh")
-    work = B * w.shape[0] * w.shape[1] if isinstance(w, Tensor) and w.dim() == 2 else 0
-    return chunk_max_work > 0 and work <= chunk_max_work
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        return chunk_max_work > 0
+    if torch.get_num_threads() > 1 and w.numel() > chunk_max_weight_threaded:
+        return False
+    return 0 < B * w.numel() <= chunk_max_work
 
 
 COMPILE_SECONDS: dict[str, float] = {}

@@ -454,14 +454,22 @@ def test_chunk_sizes_are_whole_chunks_then_halves_then_single_steps(K, T, sizes,
 
 def test_chunks_run_where_a_steps_recurrent_product_is_small(monkeypatch):
     """B · G · H ≤ chunk_max_work (2^23): up to B = 32 at H = 256 for an LSTM-like cell (G = 4H), B = 2 at
-    H = 1024; a cell without a matrix W_hh always; 0 turns chunks off."""
+    H = 1024 with one thread (none with more: chunk_max_weight_threaded); a cell without a matrix W_hh always;
+    0 turns chunks off."""
     def p(cell, hidden):
         return rnnmath.Recurrent(CELLS[cell], 3, hidden, device="meta").layer_params(0, 0)
 
-    assert compiled._chunks_pay(p("peephole_lstm", 256), 32)
-    assert not compiled._chunks_pay(p("peephole_lstm", 256), 64)
-    assert compiled._chunks_pay(p("peephole_lstm", 1024), 2)
-    assert not compiled._chunks_pay(p("peephole_lstm", 1024), 4)
-    assert compiled._chunks_pay(p("mingru", 1024), 64) and compiled._chunks_pay(p("indrnn", 1024), 64)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert compiled._chunks_pay(p("peephole_lstm", 256), 32)
+            assert not compiled._chunks_pay(p("peephole_lstm", 256), 64)
+            # W_hh of 4H × H = 4 Mi elements: with threads, oneDNN's products (single steps) instead
+            assert compiled._chunks_pay(p("peephole_lstm", 1024), 2) == (n == 1)
+            assert not compiled._chunks_pay(p("peephole_lstm", 1024), 4)
+            assert compiled._chunks_pay(p("mingru", 1024), 64) and compiled._chunks_pay(p("indrnn", 1024), 64)
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(compiled, "chunk_max_work", 0)
     assert not compiled._chunks_pay(p("mingru", 64), 1)
