@@ -101,7 +101,8 @@ def _steps_from_environment() -> int:
 
 
 chunk_steps: int = _steps_from_environment()
-"""Steps per compiled call for small batches (``RNNMATH_CHUNK_STEPS`` at import, default 8): the loop runs
+"""Steps per compiled call where a step is small (:data:`chunk_max_work`; ``RNNMATH_CHUNK_STEPS`` at import,
+default 8): the loop runs
 K = ``chunk_steps`` steps (their recurrent products included) as one compiled graph forward and one backward, and
 a remainder of fewer than K steps as chunks of K/2, K/4, ... and single steps (:func:`chunk_sizes`). At B = 1 a
 step's arithmetic takes a few microseconds and the Python around each call about 10: chunks of 8 cut the time of a
@@ -114,10 +115,9 @@ cells without one, such as minGRU and IndRNN, always): up to B = 32 at H = 256, 
 H = 1024. There a step's arithmetic is comparable with the Python and dispatch around its calls. Measured
 side by side (rnnmath / torch.nn.LSTM without and with chunks, rounds in alternating order, this CPU): peephole
 LSTM, H = 64, T = 100, B = 64, 2 threads, training 1.34 -> 1.15; H = 256, T = 30, B = 32, 2 threads 1.88 -> 1.62;
-minGRU, H = 64, B = 32 0.83 -> 0.63. Above it, the single steps' oneDNN products win: H = 256, B = 64 1.20
+minGRU, H = 64, B = 32, 2 threads 0.83 -> 0.63. Above it, the single steps' oneDNN products win: H = 256, B = 64 1.20
 against 1.24 with chunks; H = 1024, B = 32 1.13 against 1.55. Compiling the chunks takes several times as long
 as one step (docs/cells.md). 0 turns chunks off."""
-
 
 chunk_max_weight_threaded: int = 1 << 20
 """With more than one thread, no chunks where W_hh has more elements than this (float32: 4 MiB; H = 1024 for an
