@@ -102,12 +102,11 @@ def _steps_from_environment() -> int:
 
 chunk_steps: int = _steps_from_environment()
 """Steps per compiled call where a step is small (:data:`chunk_max_work`; ``RNNMATH_CHUNK_STEPS`` at import,
-default 8): the loop runs
-K = ``chunk_steps`` steps (their recurrent products included) as one compiled graph forward and one backward, and
-a remainder of fewer than K steps as chunks of K/2, K/4, ... and single steps (:func:`chunk_sizes`). At B = 1 a
-step's arithmetic takes a few microseconds and the Python around each call about 10: chunks of 8 cut the time of a
-training step 1.2-1.9 fold, and the half chunks for the remainder 7-9 % more at T = 30 (docs/benchmarks.md).
-1 turns chunks off."""
+default 8): the loop runs K = ``chunk_steps`` steps (their recurrent products included) as one compiled graph
+forward and one backward, and a remainder of fewer than K steps as chunks of K/2, K/4, ... and single steps
+(:func:`chunk_sizes`). At B = 1 a step's arithmetic takes a few microseconds and the Python around each call
+about 10: chunks of 8 cut the time of a training step 1.2-1.9 fold, and the half chunks for the remainder 7-9 %
+more at T = 30 (docs/benchmarks.md). 1 turns chunks off."""
 
 chunk_max_work: int = 1 << 23
 """Chunks only where a step's recurrent product is at most this many multiply-adds, B · G · H (W_hh's G × H;
