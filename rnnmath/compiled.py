@@ -430,13 +430,21 @@ def _graphs(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool
         if compile and not _due(cell, key):
             return None
         try:
-            cache[key] = _build(cell, p, xw, state, mask, compile)
+            with torch.inference_mode(False):  # see _ordinary
+                cache[key] = _build(cell, p, _ordinary(xw[:1]), type(state)(*map(_ordinary, state)),
+                                    _ordinary(mask[:1]) if mask is not None else None, compile)
         except Exception as error:  # noqa: BLE001 - a step that cannot be traced, or a compiler failure
             if compile and _is_compiler_error(error):
                 _give_up(error)
                 return None
             cache[key] = None  # e.g. Python control flow on tensor values: this cell keeps the readable loop
     return cache[key]
+
+
+def _ordinary(t: Tensor) -> Tensor:
+    """An example input for tracing: a tensor made under torch.inference_mode() copied into an ordinary one (the
+    update's derivative is traced by autograd, which inference tensors refuse), others as they are."""
+    return t.clone() if t.is_inference() else t
 
 
 def _due(cell, key) -> bool:
@@ -574,7 +582,8 @@ class _GenericScan(torch.autograd.Function):
 def chunk_sizes(T: int) -> list[int]:
     """The steps of each call for a sequence of T steps with chunks (:data:`chunk_steps` = K): K while K steps
     are left, then halves of K (K // 2, K // 4, ... down to 2) where they fit, then single steps — for K = 8
-    and T = 30: 8, 8, 8, 4, 2. At most one chunk of each smaller size, so at most log2 K graphs per shape."""
+    and T = 30: 8, 8, 8, 4, 2. At most one chunk of each smaller size, so at most log2 K graphs per shape. The
+    layer uses chunks only for T ≥ K (a shorter sequence runs one step a call)."""
     K = chunk_steps
     sizes = [K] * (T // K) if K > 1 else []
     left, size = T - sum(sizes), K // 2
@@ -700,8 +709,10 @@ def generic_scan(cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, compi
     template = {n: t for n, t in p.items() if not isinstance(t, Tensor)}
     chunks = None
     if 1 < chunk_steps <= T and _chunks_pay(p, xw.shape[1]):
-        chunks = {K: _chunk_graphs(cell, graphs, K, xw, list(state), weight_hh, params, mask, compile)
-                  for K in set(chunk_sizes(T)) - {1}}
+        with torch.inference_mode(False):  # see _ordinary
+            chunks = {K: _chunk_graphs(cell, graphs, K, _ordinary(xw[:K]), list(map(_ordinary, state)), weight_hh,
+                                       params, _ordinary(mask[:K]) if mask is not None else None, compile)
+                      for K in set(chunk_sizes(T)) - {1}}
     args = (graphs, chunks, cell, template, xw, mask, len(state), weight_hh, *state, *params)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (xw, weight_hh, *state, *params)):
         output, *last = _GenericScan.apply(*args)

@@ -473,3 +473,30 @@ def test_chunks_run_where_a_steps_recurrent_product_is_small(monkeypatch):
         torch.set_num_threads(threads)
     monkeypatch.setattr(compiled, "chunk_max_work", 0)
     assert not compiled._chunks_pay(p("mingru", 64), 1)
+
+
+def test_a_layer_first_due_under_inference_mode_compiles_and_stays_exact(monkeypatch):
+    """The call that compiles may come under torch.inference_mode() (a server): tracing the update's derivative
+    needs ordinary tensors, so the examples are copied out of inference mode; before, that layer silently kept
+    the readable loop for good (found by an outside tester). Later training calls use the compiled graphs."""
+    monkeypatch.setattr(compiled, "enabled", True)
+    monkeypatch.setattr(compiled, "min_calls", 1)
+    monkeypatch.setattr(compiled, "chunk_steps", 4)
+    monkeypatch.setattr(compiled, "COMPILE_SECONDS", {})
+    torch.manual_seed(0)
+    layer = rnnmath.Recurrent(CELLS["indrnn"], 4, 8, dtype=torch.float64)
+    slow = rnnmath.Recurrent(CELLS["indrnn"], 4, 8, dtype=torch.float64)
+    slow.load_state_dict(layer.state_dict())
+    slow.fast = False
+    x = torch.randn(6, 2, 4, dtype=torch.float64)
+    with torch.inference_mode():
+        output = layer(x)[0]
+    assert sorted(compiled.COMPILE_SECONDS) == ["IndRNNCell B=2 H=8 float64", "IndRNNCell B=2 H=8 float64 2 steps",
+                                                 "IndRNNCell B=2 H=8 float64 4 steps"]
+    torch.testing.assert_close(output, slow(x)[0].detach(), rtol=1e-12, atol=1e-12)
+    got, want = layer(x)[0], slow(x)[0]
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(layer.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
