@@ -582,10 +582,12 @@ class _GenericScan(torch.autograd.Function):
 def chunk_sizes(T: int) -> list[int]:
     """The steps of each call for a sequence of T steps with chunks (:data:`chunk_steps` = K): K while K steps
     are left, then halves of K (K // 2, K // 4, ... down to 2) where they fit, then single steps — for K = 8
-    and T = 30: 8, 8, 8, 4, 2. At most one chunk of each smaller size, so at most log2 K graphs per shape. The
-    layer uses chunks only for T ≥ K (a shorter sequence runs one step a call)."""
+    and T = 30: 8, 8, 8, 4, 2. At most one chunk of each smaller size, so at most log2 K graphs per shape. A
+    sequence shorter than K runs one step a call."""
     K = chunk_steps
-    sizes = [K] * (T // K) if K > 1 else []
+    if not 1 < K <= T:
+        return [1] * T
+    sizes = [K] * (T // K)
     left, size = T - sum(sizes), K // 2
     while size >= 2:
         if left >= size:
