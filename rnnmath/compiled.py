@@ -397,6 +397,14 @@ def _chunk_graphs(cell, graphs: _Graphs, K: int, xw: Tensor, state: list, weight
     """(forward, backward): K steps for these shapes in one graph each, traced and compiled on first use."""
     if K in graphs.chunks:
         return graphs.chunks[K]
+    with torch.inference_mode(False):  # see _ordinary
+        return _trace_chunk(cell, graphs, K, _ordinary(xw[:K]), list(map(_ordinary, state)), weight_hh, params,
+                            _ordinary(mask[:K]) if mask is not None else None, compile)
+
+
+def _trace_chunk(cell, graphs: _Graphs, K: int, xw: Tensor, state: list, weight_hh: Tensor, params: list,
+                 mask: Tensor | None, compile: bool):
+    """_chunk_graphs' work on a cache miss, from ordinary example tensors."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     start = time.perf_counter()
@@ -710,11 +718,9 @@ def generic_scan(cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, compi
     params = [p[n] for n in graphs.names]
     template = {n: t for n, t in p.items() if not isinstance(t, Tensor)}
     chunks = None
-    if 1 < chunk_steps <= T and _chunks_pay(p, xw.shape[1]):
-        with torch.inference_mode(False):  # see _ordinary
-            chunks = {K: _chunk_graphs(cell, graphs, K, _ordinary(xw[:K]), list(map(_ordinary, state)), weight_hh,
-                                       params, _ordinary(mask[:K]) if mask is not None else None, compile)
-                      for K in set(chunk_sizes(T)) - {1}}
+    sizes = set(chunk_sizes(T)) - {1}
+    if sizes and _chunks_pay(p, xw.shape[1]):
+        chunks = {K: _chunk_graphs(cell, graphs, K, xw, list(state), weight_hh, params, mask, compile) for K in sizes}
     args = (graphs, chunks, cell, template, xw, mask, len(state), weight_hh, *state, *params)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (xw, weight_hh, *state, *params)):
         output, *last = _GenericScan.apply(*args)
