@@ -87,6 +87,44 @@ def test_onednn_recurrent_products_equal_the_readable_loop(name, monkeypatch):
     assert not compiled._use_onednn(p["weight_hh"], 7)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_onednn_products_over_all_steps_equal_float64(monkeypatch):
+    """∂L/∂W_hh and the input projection with its gradients through oneDNN (matmul, _Linear) against float64."""
+    monkeypatch.setattr(compiled, "onednn_min_work", 1)
+    g = torch.Generator().manual_seed(0)
+    for a, b in ((torch.randn(30, 20, generator=g), torch.randn(20, 9, generator=g)),  # a contiguous
+                 (torch.randn(20, 30, generator=g).t(), torch.randn(20, 9, generator=g))):  # a transposed (Σ_t)
+        assert compiled._onednn_pays(a, b)
+        torch.testing.assert_close(compiled.matmul(a, b), (a.double() @ b.double()).float(), rtol=1e-6, atol=1e-5)
+    x = torch.randn(7, 4, 6, generator=g).transpose(0, 1).requires_grad_()  # not contiguous, as batch_first
+    w, bias = torch.randn(12, 6, generator=g, requires_grad=True), torch.randn(12, generator=g, requires_grad=True)
+    y = compiled._Linear.apply(x, w, bias)
+    weights = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad((y * weights).sum(), (x, w, bias))
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, bias)]
+    want = torch.nn.functional.linear(*leaves)
+    want = [want, *torch.autograd.grad((want * weights.double()).sum(), leaves)]
+    assert_close_scaled([y, *grads], [t.float() for t in want], torch.float32)
+    second = torch.autograd.grad(compiled._Linear.apply(x, w, None).square().sum(), w, create_graph=True)[0]
+    assert second.requires_grad  # a recorded backward pass (double backward) takes ATen's products
+    assert not compiled._onednn_pays(a.double(), b.double())  # float64 never takes it
+    monkeypatch.setattr(compiled, "onednn_min_work", 0)  # 0 turns it off
+    assert not compiled._onednn_pays(a, b)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_generic_path_with_onednn_weight_gradient_equals_readable_loop(chunk, monkeypatch):
+    monkeypatch.setattr(compiled, "onednn_min_work", 1)
+    monkeypatch.setattr(compiled, "chunk_steps", chunk)
+    cell, p, xw, state = case(CELLS["peephole_lstm"], torch.float32, hidden=20)
+    mask = (torch.arange(7).unsqueeze(1) < torch.tensor([7, 0, 3, 1])).unsqueeze(2)
+    got = run_path(cell, p, xw, state, mask, generic=True)
+    want = run_path(cell, p, xw, state, mask, generic=False)
+    assert_close_scaled(got[0], want[0], torch.float32)
+    assert_close_scaled(got[1], want[1], torch.float32)
+
+
 def test_compiled_tanh_is_within_2e_7_of_torch_tanh():
     """The tanh traced for inductor (float32): series near 0, exp-based beyond; special values as torch.tanh."""
     x = torch.cat([torch.logspace(-38, 2, 100_000), torch.linspace(0.3, 0.5, 20_001), torch.randn(50_000) * 3])
