@@ -114,13 +114,13 @@ more at T = 30 (docs/benchmarks.md). 1 turns chunks off."""
 
 chunk_max_work: int = 1 << 23
 """Chunks only where a step's recurrent product is at most this many multiply-adds, B · G · H (W_hh's G × H;
-cells without one, such as minGRU and IndRNN, always): up to B = 32 at H = 256, B = 8 at H = 512, B = 2 at
-H = 1024. There a step's arithmetic is comparable with the Python and dispatch around its calls. Measured
-side by side (rnnmath / torch.nn.LSTM without and with chunks, rounds in alternating order, this CPU): peephole
-LSTM, H = 64, T = 100, B = 64, 2 threads, training 1.34 -> 1.15; H = 256, T = 30, B = 32, 2 threads 1.88 -> 1.62;
-minGRU, H = 64, B = 32, 2 threads 0.83 -> 0.63. Above it, the single steps' oneDNN products win: H = 256, B = 64 1.20
-against 1.24 with chunks; H = 1024, B = 32 1.13 against 1.55. Compiling the chunks takes several times as long
-as one step (docs/cells.md). 0 turns chunks off."""
+cells without one, such as minGRU and IndRNN, always): up to B = 64 at H = 64, and at most B = 2 where the
+single steps' products go through oneDNN (:data:`chunk_max_batch_onednn`). There a step's arithmetic is
+comparable with the Python and dispatch around its calls. Measured side by side (rnnmath / torch.nn.LSTM without
+and with chunks, rounds in alternating order, this CPU): peephole LSTM, H = 64, T = 100, B = 64, 2 threads,
+training 1.34 -> 1.15; T = 30, inference 2.11 -> 1.74; minGRU, H = 64, B = 32, 2 threads 0.83 -> 0.63. Above
+it, the single steps' oneDNN products win: H = 1024, B = 32 1.13 against 1.55 with chunks. Compiling the chunks
+takes several times as long as one step (docs/cells.md). 0 turns chunks off."""
 
 chunk_max_weight_threaded: int = 1 << 20
 """With more than one thread, no chunks where W_hh has more elements than this (float32: 4 MiB; H = 1024 for an
@@ -130,6 +130,15 @@ rnnmath / torch.nn.LSTM with and without chunks: T = 30 training 0.86 against 0.
 with 1 thread chunks win (0.56 against 0.74, 1.05 against 1.24)."""
 
 
+chunk_max_batch_onednn: int = 2
+"""No chunks above this batch size where the single steps' products run through oneDNN (float32, H at least
+:data:`onednn_min_hidden`): inside the chunk graphs they are ATen's ``mm`` (MKL, slow on this AMD CPU). Peephole
+LSTM, T = 30, rnnmath / torch.nn.LSTM without and with chunks (alternating order): H = 256, B = 8, 2 threads,
+inference 2.29 against 2.60, 1 thread training 1.99 against 2.08; B = 32 1.59 against 2.65 and 1.41 against
+1.74; B = 4 mixed (training 1.77 against 1.52 with chunks, inference 2.40 against 2.99); B = 1 and 2 chunks win
+(1 thread, B = 1 training 2.23 against 1.23, H = 1024 1.71 against 1.37; B = 2 inference 2.12 against 1.58)."""
+
+
 def _chunks_pay(p: dict, B: int) -> bool:
     """Whether a step of this cell at batch size B is small enough to run in chunks (:data:`chunk_max_work`,
     :data:`chunk_max_weight_threaded`)."""
@@ -137,6 +146,8 @@ def _chunks_pay(p: dict, B: int) -> bool:
     if not isinstance(w, Tensor) or w.dim() != 2:
         return chunk_max_work > 0
     if torch.get_num_threads() > 1 and w.numel() > chunk_max_weight_threaded:
+        return False
+    if B > chunk_max_batch_onednn and _use_onednn(w, onednn_min_steps):
         return False
     return 0 < B * w.numel() <= chunk_max_work
 

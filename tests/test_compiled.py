@@ -491,9 +491,10 @@ def test_chunk_sizes_are_whole_chunks_then_halves_then_single_steps(K, T, sizes,
 
 
 def test_chunks_run_where_a_steps_recurrent_product_is_small(monkeypatch):
-    """B · G · H ≤ chunk_max_work (2^23): up to B = 32 at H = 256 for an LSTM-like cell (G = 4H), B = 2 at
-    H = 1024 with one thread (none with more: chunk_max_weight_threaded); a cell without a matrix W_hh always;
-    0 turns chunks off."""
+    """B · G · H ≤ chunk_max_work (2^23): up to B = 64 at H = 64 for an LSTM-like cell (G = 4H); where the single
+    steps' products go through oneDNN (float32, H ≥ 256) at most B = 2 (chunk_max_batch_onednn), and with more
+    than one thread none at H = 1024 (chunk_max_weight_threaded); a cell without a matrix W_hh always; 0 turns
+    chunks off."""
     def p(cell, hidden):
         return rnnmath.Recurrent(CELLS[cell], 3, hidden, device="meta").layer_params(0, 0)
 
@@ -501,14 +502,18 @@ def test_chunks_run_where_a_steps_recurrent_product_is_small(monkeypatch):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            assert compiled._chunks_pay(p("peephole_lstm", 256), 32)
-            assert not compiled._chunks_pay(p("peephole_lstm", 256), 64)
+            assert compiled._chunks_pay(p("peephole_lstm", 64), 64)
+            assert not compiled._chunks_pay(p("peephole_lstm", 64), 1024)  # 2^24
+            assert compiled._chunks_pay(p("peephole_lstm", 256), 2)
+            assert not compiled._chunks_pay(p("peephole_lstm", 256), 4)
             # W_hh of 4H × H = 4 Mi elements: with threads, oneDNN's products (single steps) instead
             assert compiled._chunks_pay(p("peephole_lstm", 1024), 2) == (n == 1)
             assert not compiled._chunks_pay(p("peephole_lstm", 1024), 4)
             assert compiled._chunks_pay(p("mingru", 1024), 64) and compiled._chunks_pay(p("indrnn", 1024), 64)
     finally:
         torch.set_num_threads(threads)
+    monkeypatch.setattr(compiled, "onednn_min_hidden", 0)  # single steps without oneDNN: the work rule alone
+    assert compiled._chunks_pay(p("peephole_lstm", 256), 32)
     monkeypatch.setattr(compiled, "chunk_max_work", 0)
     assert not compiled._chunks_pay(p("mingru", 64), 1)
 
