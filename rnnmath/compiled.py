@@ -15,8 +15,10 @@ hand-written derivative:
 2. **Trace.** ``torch.fx.experimental.proxy_tensor.make_fx`` records the update as a graph of ATen operations,
    and the graph of its vector-Jacobian product (autograd of the update, recomputing its forward from the
    saved inputs): the derivative is autograd's, generated once per cell, shape, dtype and device.
-3. **Compile** (on by default). ``torch._inductor.compile`` turns each graph into fused C++ loops (TorchInductor,
-   Ansel et al. 2024, "PyTorch 2"; the layer enables this path on the CPU only, the one device measured).
+3. **Compile** (on by default). Inductor's ``compile_fx_inner`` (its entry for graphs already in ATen operations,
+   without the AOTAutograd wrapper of ``torch._inductor.compile``) turns each graph into fused C++ loops
+   (TorchInductor, Ansel et al. 2024, "PyTorch 2"; the layer enables this path on the CPU only, the one device
+   measured).
    Each graph's kernels are called from C++ (inductor's ``cpp_wrapper``, :data:`cpp_wrapper`), not Python.
    The compiled code is cached in memory per cell and shapes, and by inductor on disk (its FX-graph cache).
    It happens on the :data:`min_calls`-th call with a batch size (before, the cell's other paths run), so
