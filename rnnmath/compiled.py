@@ -285,9 +285,16 @@ def _compile(gm, example, compile: bool):
     from torch._inductor.compile_fx import compile_fx_inner, get_cpp_wrapper_config
 
     if not cpp_wrapper:
-        return compile_fx_inner(gm, example)
-    with config.patch(get_cpp_wrapper_config()):
-        return compile_fx_inner(gm, example, cpp_wrapper=True)
+        graph = compile_fx_inner(gm, example)
+    else:
+        with config.patch(get_cpp_wrapper_config()):
+            graph = compile_fx_inner(gm, example, cpp_wrapper=True)
+    # its compiled module's entry, without the profiler, metrics and autotune-cache bookkeeping inductor's
+    # __call__ does around it on every call (LayerNorm-LSTM, H = 64, T = 100, B = 1, 1 thread, inference
+    # 3.66 -> 3.26 x torch.nn.LSTM); the bookkeeping matters only while a compile context is active
+    if getattr(graph, "_compile_context", None) is None and callable(getattr(graph, "current_callable", None)):
+        return graph.current_callable
+    return graph
 
 
 fast_tanh: bool = True
