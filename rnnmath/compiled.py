@@ -31,8 +31,9 @@ hand-written derivative:
    Σ_t ∂L/∂hw_tᵀ h_{t-1}`` is ONE matrix product over all steps (as in :mod:`rnnmath.fused`). ∂L/∂x is
    returned whole, so the layer's input projection gets its weight gradient as one product as well. These
    products over all steps, and a plain projection x W_ihᵀ + b_ih (:func:`project`), run through oneDNN's
-   matrix product where they are large (:data:`onednn_min_work`): on this AMD CPU ATen's float32 ``mm`` is
-   MKL's, and oneDNN's was up to 2.4 times as fast.
+   matrix product where they are large (:data:`onednn_min_work`) on CPUs other than Intel's: on an AMD EPYC
+   ATen's float32 ``mm`` is MKL's, and oneDNN's was up to 2.4 times as fast (on an Intel Xeon the two were
+   within 15 %, so there ATen's is kept).
 5. **Chunks** (small steps: :data:`chunk_max_work`). At B = 1 a step is a few microseconds of arithmetic and
    about ten of Python around the calls, so there the loop runs :data:`chunk_steps` steps per call: the same
    update and its vector-Jacobian product unrolled K times, with the products ``h W_hhᵀ`` and ``∂L/∂hw W_hh``
@@ -126,16 +127,19 @@ takes several times as long as one step (docs/cells.md). 0 turns chunks off."""
 
 chunk_max_weight_threaded: int = 1 << 20
 """With more than one thread, no chunks where W_hh has more elements than this (float32: 4 MiB; H = 1024 for an
-LSTM-like cell): oneDNN spreads a small batch's product over the threads where ATen's ``mm`` in the chunk graphs
-does not (B = 1, H = 1024, 2 threads: 144 against 365 µs a product). Peephole LSTM, H = 1024, B = 1, 2 threads,
-rnnmath / torch.nn.LSTM with and without chunks: T = 30 training 0.86 against 0.71, inference 2.49 against 1.48;
-with 1 thread chunks win (0.56 against 0.74, 1.05 against 1.24)."""
+LSTM-like cell) and the single steps' products go through oneDNN (:data:`onednn_min_hidden`): oneDNN spreads a
+small batch's product over the threads where ATen's ``mm`` in the chunk graphs does not (AMD EPYC, B = 1,
+H = 1024, 2 threads: 144 against 365 µs a product). Peephole LSTM, H = 1024, B = 1, 2 threads, rnnmath /
+torch.nn.LSTM with and without chunks: T = 30 training 0.86 against 0.71, inference 2.49 against 1.48; with 1
+thread chunks win (0.56 against 0.74, 1.05 against 1.24). Where the single steps' products are ATen's as well
+(Intel Xeon, oneDNN off), chunks win at 2 threads too: T = 30 training 0.58 against 0.67, inference 0.91
+against 1.09."""
 
 
 chunk_max_batch_onednn: int = 2
 """No chunks above this batch size where the single steps' products run through oneDNN (float32, H at least
-:data:`onednn_min_hidden`): inside the chunk graphs they are ATen's ``mm`` (MKL, slow on this AMD CPU). Peephole
-LSTM, T = 30, rnnmath / torch.nn.LSTM without and with chunks (alternating order): H = 256, B = 8, 2 threads,
+:data:`onednn_min_hidden`): inside the chunk graphs they are ATen's ``mm`` (MKL, slow on an AMD CPU). Peephole
+LSTM, T = 30, rnnmath / torch.nn.LSTM without and with chunks (alternating order, AMD EPYC): H = 256, B = 8, 2 threads,
 inference 2.29 against 2.60, 1 thread training 1.99 against 2.08; B = 32 1.59 against 2.65 and 1.41 against
 1.74; B = 4 mixed (training 1.77 against 1.52 with chunks, inference 2.40 against 2.99); B = 1 and 2 chunks win
 (1 thread, B = 1 training 2.23 against 1.23, H = 1024 1.71 against 1.37; B = 2 inference 2.12 against 1.58)."""
@@ -147,10 +151,9 @@ def _chunks_pay(p: dict, B: int) -> bool:
     w = p.get("weight_hh")
     if not isinstance(w, Tensor) or w.dim() != 2:
         return chunk_max_work > 0
-    if torch.get_num_threads() > 1 and w.numel() > chunk_max_weight_threaded:
-        return False
-    if B > chunk_max_batch_onednn and _use_onednn(w, onednn_min_steps):
-        return False
+    if _use_onednn(w, onednn_min_steps):  # the single steps' products would be oneDNN's
+        if B > chunk_max_batch_onednn or (torch.get_num_threads() > 1 and w.numel() > chunk_max_weight_threaded):
+            return False
     return 0 < B * w.numel() <= chunk_max_work
 
 
@@ -651,13 +654,31 @@ def _segments(T: int, chunks: dict | None) -> list[tuple[int, int]]:
     return list(zip(starts, sizes))
 
 
-onednn_min_hidden: int = 256
+def _mkl_tuned_for_this_cpu() -> bool:
+    """Whether the CPU is Intel's (``vendor_id`` in /proc/cpuinfo; False where that cannot be read): ATen's
+    float32 ``mm`` on x86 is MKL's, whose fast code paths are Intel's. Measured: on an AMD EPYC oneDNN's product
+    was up to 2.4 times as fast as ATen's; on an Intel Xeon (AVX-512) within 15 % either way (B = 32, H = 256:
+    158 against 128 µs; B = 64, H = 1024: 4.2 against 4.5 ms) and the layers faster without it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
+
+
+_ONEDNN_PAYS_HERE = not _mkl_tuned_for_this_cpu()
+
+onednn_min_hidden: int = 256 if _ONEDNN_PAYS_HERE else 0
 """A call with at least :data:`onednn_min_steps` single steps (not chunks), float32, and H (W_hh's columns) at
 least this runs their recurrent products ``h W_hhᵀ`` and ``∂L/∂hw W_hh`` through oneDNN's matrix product on
 W_hh reordered once per call into its own layout, as torch.nn.LSTM's oneDNN kernel does, instead of ATen's mm
-(MKL). Measured on this CPU, 1 thread, one product at B = 64: 5.4 against 7.2 ms at H = 1024, 0.33 against
-0.38 ms at H = 256, but 32 against 25 µs at H = 64; the reordering costs about one product (4.8 ms at H = 1024,
-B = 64; 0.6 ms at H = 64, B = 1). 0 turns it off."""
+(MKL). 0 turns it off; the default is 256 on CPUs other than Intel's and 0 on Intel's
+(:func:`_mkl_tuned_for_this_cpu`). On an AMD EPYC, 1 thread, one product at B = 64: 5.4 against 7.2 ms at
+H = 1024, 0.33 against 0.38 ms at H = 256, but 32 against 25 µs at H = 64; the reordering costs about one
+product (4.8 ms at H = 1024, B = 64; 0.6 ms at H = 64, B = 1). On an Intel Xeon, rnnmath / torch.nn.LSTM with
+and without it (peephole LSTM, H = 256, T = 30, B = 32, alternating order): training 1.64 against 1.39 (1
+thread), 1.92 against 1.54 (2 threads); inference 1.95 against 1.52 and 1.84 against 1.59 (without it the
+steps also run in chunks, :data:`chunk_max_batch_onednn`)."""
 
 onednn_min_steps: int = 16
 """See :data:`onednn_min_hidden`: fewer single steps than this do not repay reordering W_hh."""
@@ -689,10 +710,11 @@ class _Product:
         return y
 
 
-onednn_min_work: int = 1 << 21
+onednn_min_work: int = 1 << 21 if _ONEDNN_PAYS_HERE else 0
 """The products over all steps — ∂L/∂W_hh = Σ_t ∂L/∂hw_tᵀ h_{t-1}, and a plain input projection x W_ihᵀ + b_ih with
 its two gradient products — run through oneDNN's matrix product (:func:`matmul`) where they are float32 and at
-least this many multiply-adds; 0 turns it off. On this CPU (an AMD EPYC, where ATen's float32 ``mm`` is MKL's)
+least this many multiply-adds; 0 turns it off (the default on Intel's CPUs, as :data:`onednn_min_hidden`). On an
+AMD EPYC (where ATen's float32 ``mm`` is MKL's)
 oneDNN's was 1.2-2.4 times as fast from about 2^21 multiply-adds on (∂L/∂W_hh at T·B = 1920, G = 1024, H = 256,
 1 thread: 4.3 against 10.4 ms; the projection at I = 128: 2.3 against 4.9 ms) and slower below (T·B = 30,
 G = 256, H = 64: 22 against 12 µs)."""

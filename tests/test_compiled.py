@@ -495,6 +495,8 @@ def test_chunks_run_where_a_steps_recurrent_product_is_small(monkeypatch):
     steps' products go through oneDNN (float32, H ≥ 256) at most B = 2 (chunk_max_batch_onednn), and with more
     than one thread none at H = 1024 (chunk_max_weight_threaded); a cell without a matrix W_hh always; 0 turns
     chunks off."""
+    monkeypatch.setattr(compiled, "onednn_min_hidden", 256)  # the default on CPUs other than Intel's
+
     def p(cell, hidden):
         return rnnmath.Recurrent(CELLS[cell], 3, hidden, device="meta").layer_params(0, 0)
 
@@ -512,8 +514,14 @@ def test_chunks_run_where_a_steps_recurrent_product_is_small(monkeypatch):
             assert compiled._chunks_pay(p("mingru", 1024), 64) and compiled._chunks_pay(p("indrnn", 1024), 64)
     finally:
         torch.set_num_threads(threads)
-    monkeypatch.setattr(compiled, "onednn_min_hidden", 0)  # single steps without oneDNN: the work rule alone
+    monkeypatch.setattr(compiled, "onednn_min_hidden", 0)  # single steps without oneDNN (Intel's CPUs): the work rule
     assert compiled._chunks_pay(p("peephole_lstm", 256), 32)
+    try:  # and with threads at H = 1024 too: the single steps' products would be ATen's mm as well
+        torch.set_num_threads(2)
+        assert compiled._chunks_pay(p("peephole_lstm", 1024), 2)
+        assert not compiled._chunks_pay(p("peephole_lstm", 1024), 3)  # B · G · H over 2^23
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(compiled, "chunk_max_work", 0)
     assert not compiled._chunks_pay(p("mingru", 64), 1)
 
