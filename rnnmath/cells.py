@@ -318,6 +318,19 @@ class RNNCell(Cell):
         return super().extra_repr() + ("" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity}")
 
 
+def _torch_lstm_takes_onednn(input_dtype: torch.dtype) -> bool:
+    """Whether torch.nn.LSTM on the CPU takes its oneDNN kernel for a half-precision input (ATen's use_mkldnn in
+    RNN.cpp): bfloat16 where this CPU has oneDNN's bfloat16, float16 where it has float16 and no gradient is
+    recorded. That kernel computes in the autocast dtype; torch.nn's other kernel promotes."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if input_dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if input_dtype == torch.float16:
+        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
 class LSTMCell(Cell):
     r"""Long short-term memory cell (Hochreiter & Schmidhuber 1997, with forget gate), as ``torch.nn.LSTMCell``.
 
@@ -385,6 +398,8 @@ class LSTMCell(Cell):
         """With proj_size torch.nn.LSTM takes its promoting kernel: c promote(A, S), h (a projection) A."""
         if self.proj_size:
             return torch.promote_types(autocast_dtype, state_dtype)
+        if in_layer and not packed and _torch_lstm_takes_onednn(input_dtype):
+            return autocast_dtype  # torch.nn's oneDNN LSTM runs in A whatever half its input is in
         return super().autocast_dtype(autocast_dtype, input_dtype, state_dtype, in_layer=in_layer, packed=packed)
 
     def fast_scan(self, p, xw, state, mask, xw_again=None):
