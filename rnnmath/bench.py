@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -457,14 +458,16 @@ def report(result: dict) -> str:
         ("worst ratio", "worst", ".3f"), ("at", "at", ""), ("target", "bound", ".1f"), ("", "met", "")]))
     parts.append("\n### Layers (I = 128): milliseconds per call, median of interleaved runs\n")
     parts.append("torch.nn is the cell's torch.nn counterpart, torch.nn.LSTM for the cells torch.nn lacks; hand is "
-                 "the cell's hand-written fast_scan (none: nan).\n")
-    parts.append(markdown_table(result["rows"], [
+                 "the cell's hand-written fast_scan (none: nan; the column is left out when no cell has one).\n")
+    columns = [
         ("cell", "cell", ""), ("H", "hidden", "d"), ("T", "steps", "d"), ("B", "batch", "d"),
         ("threads", "threads", "d"), ("mode", "mode", ""), ("rnnmath", "rnnmath ms", ".2f"),
         ("torch.nn", "torch.nn ms", ".2f"), ("hand", "hand ms", ".2f"), ("readable", "readable ms", ".2f"),
         ("rnnmath/torch.nn", "rnnmath/torch.nn", ".2f"), ("hand/torch.nn", "hand/torch.nn", ".2f"),
         ("readable/torch.nn", "readable/torch.nn", ".2f"), ("rnnmath GFLOP/s", "rnnmath GFLOP/s", ".1f"),
-        ("% peak", "rnnmath % peak", ".0f"), ("runs", "repeats", "d")]))
+        ("% peak", "rnnmath % peak", ".0f"), ("runs", "repeats", "d")]
+    parts.append(markdown_table(result["rows"], [c for c in columns if not c[1].startswith("hand") or any(
+        isinstance(row.get(c[1]), float) and not math.isnan(row[c[1]]) for row in result["rows"])]))
     if result["compile_seconds"]:
         parts.append("\n### Compile time of the generic path (first call; seconds, tracing included)\n")
         parts.append(markdown_table([{"what": k, "s": v} for k, v in result["compile_seconds"].items()],

@@ -155,7 +155,17 @@ class Cell(nn.Module):
 
     def step(self, p: dict[str, Tensor | None], x: Tensor, state):
         """One time step: (this step's input projection x (B, G), previous state) -> new state."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no step(p, x, state): a cell's equations go there "
+                                  "(docs/cells.md)")
+
+    def checked(self, new):
+        """``new`` if it is this cell's State, else a TypeError naming the cell (a step that returned a bare tensor
+        would otherwise fail one step later, inside the step, on ``state.h``)."""
+        if not isinstance(new, self.State):
+            raise TypeError(f"{type(self).__name__}.step returned a {type(new).__name__}; it must return the cell's "
+                            f"state, a {self.State.__name__} (for example {self.State.__name__}(h) or "
+                            "state._replace(h=h))")
+        return new
 
     def autocast_dtype(self, autocast_dtype: torch.dtype, input_dtype: torch.dtype, state_dtype: torch.dtype, *,
                        in_layer: bool, packed: bool = False) -> torch.dtype:
@@ -267,11 +277,11 @@ class Cell(nn.Module):
             input = input if ids else input.to(dtype)
             state = self.State(*(s.to(dtype) for s in state))
             with torch.autocast(device_type, enabled=False):
-                state = self.step(p, self.project(p, input), state)
+                state = self.checked(self.step(p, self.project(p, input), state))
             if getattr(self, "proj_size", 0) and dtype != autocast_dtype:  # a projected h: a matrix product
                 state = state._replace(h=state.h.to(autocast_dtype))
         else:
-            state = self.step(p, self.project(p, input), state)
+            state = self.checked(self.step(p, self.project(p, input), state))
         if not batched:
             state = self.State(*(s.squeeze(0) for s in state))
         return state.h if len(state) == 1 else tuple(state)

@@ -159,8 +159,9 @@ def _chunks_pay(p: dict, B: int) -> bool:
 
 COMPILE_SECONDS: dict[str, float] = {}
 """Seconds spent tracing and compiling, per cell class and shapes (e.g. ``"LayerNormLSTMCell B=64 H=256 ..."``),
-summed over the layers and directions that compiled them: the compiled code is kept per cell object, so each
-layer and direction of a stack compiles its own (inductor's disk cache makes the later ones cheaper)."""
+summed over the layers and directions that traced them: each cell object traces its own graphs, and a graph
+compiled before in this process (the same code and input layouts, ``_COMPILED``) is not compiled again, so then
+only its tracing counts."""
 
 
 def _count_compile(key: str, start: float) -> None:
@@ -278,10 +279,30 @@ step's arithmetic dominates (peephole, H = 256, B = 64: 1.65 both). Compiling ta
 training, empty cache: 27 against 26 s). False keeps inductor's Python wrapper."""
 
 
+_COMPILED: dict[tuple, object] = {}
+"""Compiled graphs by their code and example inputs' layouts, shared by every cell object in the process: a new
+layer, a reloaded model or a second training run in one process compiles nothing it has compiled before
+(inductor's disk cache still took 15-23 s for a language model's graphs, B = 8 and 1, H = 32)."""
+
+
 def _compile(gm, example, compile: bool):
     """A callable taking the inputs as one list (which it may empty): the graph compiled, or run as it is."""
     if not compile:
         return lambda inputs: gm(*inputs)  # the same math, without the fused kernels (tests use it)
+    has_constants = any(node.op == "get_attr" for node in gm.graph.nodes)  # tensors the code does not show
+    key = None if has_constants else (
+        gm.code, tuple((tuple(t.shape), t.stride(), t.dtype, t.device) if isinstance(t, Tensor) else repr(t)
+                       for t in example), cpp_wrapper, torch.get_num_threads())
+    if key is None or key not in _COMPILED:
+        compiled = _compile_now(gm, example)
+        if key is None:
+            return compiled
+        _COMPILED[key] = compiled
+    return _COMPILED[key]
+
+
+def _compile_now(gm, example):
+    """_compile's work on a miss: inductor's compiled graph, called through its module's entry where it can."""
     # inductor's inner entry: the graph is already ATen operations, so no AOTAutograd wrapper runs around
     # every call (half the per-step overhead at B = 1)
     from torch._inductor import config

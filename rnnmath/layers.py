@@ -63,7 +63,7 @@ def scan(cell: Cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, h_mask:
     """
     outputs = []
     for t in range(xw.shape[0]):
-        new = cell.step(p, xw[t], state if h_mask is None else state._replace(h=state.h * h_mask))
+        new = cell.checked(cell.step(p, xw[t], state if h_mask is None else state._replace(h=state.h * h_mask)))
         if zoneout:
             new = _zoneout(new, state, zoneout, training)
         if mask is not None:

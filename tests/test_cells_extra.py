@@ -455,3 +455,26 @@ def test_cli_trains_and_evaluates_new_cells_with_regularisers(name, tmp_path, ca
     assert (trained.model.rnn.recurrent_dropout, trained.model.rnn.zoneout) == (0.2, 0.1)
     assert cli.main(["evaluate", str(out), "--data", str(tmp_path / "train.tsv"), "--json"]) == 0
     capsys.readouterr()
+
+
+# -- a new cell written wrongly: the mistake named at once ----------------------------------------------------
+def test_a_step_that_returns_a_bare_tensor_is_named_at_the_first_step():
+    class Bare(rnnmath.Cell):
+        num_gates = 1
+
+        def step(self, p, x, state):
+            return torch.tanh(x + F.linear(state.h, p["weight_hh"], p["bias_hh"]))  # not HiddenState(...)
+
+    with pytest.raises(TypeError, match=r"Bare\.step returned a Tensor; it must return the cell's state, a "
+                                        r"HiddenState"):
+        Recurrent(Bare, 3, 4)(torch.randn(5, 2, 3))
+    with pytest.raises(TypeError, match=r"Bare\.step returned a Tensor"):
+        Bare(3, 4)(torch.randn(2, 3))
+
+
+def test_a_cell_without_step_says_where_its_equations_go():
+    class Empty(rnnmath.Cell):
+        num_gates = 1
+
+    with pytest.raises(NotImplementedError, match=r"Empty defines no step\(p, x, state\).*docs/cells.md"):
+        Recurrent(Empty, 3, 4)(torch.randn(5, 2, 3))

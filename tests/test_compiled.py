@@ -381,7 +381,9 @@ def test_bench_covers_every_cell_and_thread_count(monkeypatch):
     assert {w["cell"] for w in result["worst"]} == set(bench.CELLS)
     lstm = next(r for r in result["rows"] if r["cell"] == "layernorm_lstm")
     assert lstm["reference"] == "torch.nn.LSTM" and lstm["rnnmath ms"] > 0 and lstm["readable ms"] > 0
-    assert "| cifg_lstm (docs) |" in bench.report(result)
+    assert "| cifg_lstm (docs) |" in bench.report(result) and " hand | readable |" in bench.report(result)
+    custom = {**result, "rows": [r for r in result["rows"] if r["cell"] == "cifg_lstm (docs)"]}
+    assert "| cifg_lstm (docs) |" in bench.report(custom) and " hand |" not in bench.report(custom)
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
@@ -422,21 +424,33 @@ def test_the_settings_the_docs_turn_are_reachable_after_import_rnnmath():
     assert out.split() == ["8", "True"]
 
 
-def test_compile_seconds_add_up_over_the_layers_that_compile(monkeypatch):
-    """Each layer keeps its own compiled code: two identical layers compile twice, and COMPILE_SECONDS holds
-    the sum (it kept only the last; an outside tester's finding)."""
+def test_a_second_identical_layer_traces_but_compiles_nothing(monkeypatch):
+    """Each layer traces its own graphs and COMPILE_SECONDS holds the sum over the layers (it kept only the
+    last; an outside tester's finding); a graph compiled before in the process (same code, same input layouts)
+    is shared, so the second layer compiles nothing and computes the same."""
     monkeypatch.setattr(compiled, "enabled", True)
     monkeypatch.setattr(compiled, "min_calls", 1)
     monkeypatch.setattr(compiled, "COMPILE_SECONDS", {})
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    compiles = []
+    real = compiled._compile_now
+    monkeypatch.setattr(compiled, "_compile_now", lambda gm, example: compiles.append(gm) or real(gm, example))
     x = torch.randn(3, 2, 4, dtype=torch.float64)
     first = rnnmath.Recurrent(CELLS["peephole_lstm"], 4, 3, dtype=torch.float64)
     second = rnnmath.Recurrent(CELLS["peephole_lstm"], 4, 3, dtype=torch.float64)
+    second.load_state_dict(first.state_dict())
     with torch.no_grad():
-        first(x)
-        once = dict(compiled.COMPILE_SECONDS)
-        second(x)
+        want = first(x)[0]
+        once, compiled_once = dict(compiled.COMPILE_SECONDS), len(compiles)
+        got = second(x)[0]
     key = "PeepholeLSTMCell B=2 H=3 float64"
     assert compiled.COMPILE_SECONDS[key] > once[key] > 0
+    assert compiled_once > 0 and len(compiles) == compiled_once
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    wider = rnnmath.Recurrent(CELLS["peephole_lstm"], 4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        wider(x)
+    assert len(compiles) > compiled_once  # other shapes: compiled anew
 
 
 def test_chunk_steps_from_the_environment():
