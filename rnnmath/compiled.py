@@ -282,7 +282,8 @@ training, empty cache: 27 against 26 s). False keeps inductor's Python wrapper."
 _COMPILED: dict[tuple, object] = {}
 """Compiled graphs by their code and example inputs' layouts, shared by every cell object in the process: a new
 layer, a reloaded model or a second training run in one process compiles nothing it has compiled before
-(inductor's disk cache still took 15-23 s for a language model's graphs, B = 8 and 1, H = 32)."""
+(inductor's on-disk cache, which serves other processes, still took 15-23 s for a language model's graphs, B = 8
+and 1, H = 32, before _cacheable; tracing is all that is left)."""
 
 
 def _compile(gm, example, compile: bool):
@@ -308,17 +309,34 @@ def _compile_now(gm, example):
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx_inner, get_cpp_wrapper_config
 
-    if not cpp_wrapper:
-        graph = compile_fx_inner(gm, example)
-    else:
-        with config.patch(get_cpp_wrapper_config()):
-            graph = compile_fx_inner(gm, example, cpp_wrapper=True)
+    with _cacheable(example) as example:
+        if not cpp_wrapper:
+            graph = compile_fx_inner(gm, example)
+        else:
+            with config.patch(get_cpp_wrapper_config()):
+                graph = compile_fx_inner(gm, example, cpp_wrapper=True)
     # its compiled module's entry, without the profiler, metrics and autotune-cache bookkeeping inductor's
     # __call__ does around it on every call (LayerNorm-LSTM, H = 64, T = 100, B = 1, 1 thread, inference
     # 3.66 -> 3.26 x torch.nn.LSTM); the bookkeeping matters only while a compile context is active
     if getattr(graph, "_compile_context", None) is None and callable(getattr(graph, "current_callable", None)):
         return graph.current_callable
     return graph
+
+
+@contextmanager
+def _cacheable(example: list):
+    """Inductor's compile made cacheable on disk across processes: inside a tracing context whose fake mode has a
+    shape environment (without one inductor bypasses its FX-graph cache, "No shape env"), and with the example
+    inputs as fake tensors (real ones are hashed with their values, so no two processes shared a key). Yields the
+    fake example inputs."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fakes = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, Tensor) else t for t in example]
+    with tracing(TracingContext(fake_mode)):
+        yield fakes
 
 
 fast_tanh: bool = True

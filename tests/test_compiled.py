@@ -471,6 +471,35 @@ def test_chunk_steps_from_the_environment():
 
 
 
+def test_a_new_process_takes_the_compiled_graphs_from_inductors_disk_cache(tmp_path):
+    """Every graph inductor compiled in one process is a hit of its on-disk FX-graph cache in the next (they all
+    bypassed it before, "No shape env", and real example inputs were hashed with their values), and the results
+    are the same."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, rnnmath\n"
+            "from torch._dynamo.utils import counters\n"
+            "rnnmath.compiled.enabled, rnnmath.compiled.min_calls, rnnmath.compiled.chunk_steps = True, 1, 1\n"
+            "torch.manual_seed(0)\n"
+            "layer = rnnmath.Recurrent(rnnmath.CELLS['peephole_lstm'], 3, 4, dtype=torch.float64)\n"
+            "out = layer(torch.randn(5, 2, 3, dtype=torch.float64))[0]\n"
+            "out.sum().backward()\n"
+            "print(sorted(k for k in rnnmath.compiled.COMPILE_SECONDS), dict(counters['inductor']).get("
+            "'fxgraph_cache_hit', 0), dict(counters['inductor']).get('fxgraph_cache_miss', 0), "
+            "out.sum().item(), layer.weight_hh_l0.grad.sum().item())\n")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "RNNMATH_COMPILE": "1"}
+
+    def run():
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return result.stdout.strip().rsplit(" ", 4)
+
+    keys, hits, misses, value, grad = run()
+    assert "PeepholeLSTMCell B=2 H=4 float64" in keys and (hits, misses) == ("0", "2")
+    assert run() == [keys, "2", "0", value, grad]
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("name", ["lstm", "peephole_lstm", "mingru"])
 def test_a_call_without_gradients_runs_the_forward_pass_alone_and_gives_the_same_values(name, chunk, monkeypatch):
