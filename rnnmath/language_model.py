@@ -120,11 +120,14 @@ class TokenVocabulary:
         unknown = sum(1 for i in ids if i < 0)
         return torch.tensor([self.unk if i < 0 else i for i in ids], dtype=torch.long), unknown
 
-    def text_of(self, token: str) -> str:
-        """How a sampled token is printed: characters as they are, words followed by a space, <eos> as a newline."""
+    def text_of(self, token: str, previous: str | None = None) -> str:
+        """How a sampled token is printed after the token ``previous`` (None: nothing before it): characters as
+        they are; <eos> as a newline; a word after a space where it follows another word."""
         if self.level == "char":
             return token
-        return "\n" if token == EOS else token + " "
+        if token == EOS:
+            return "\n"
+        return token if previous is None or previous == EOS else " " + token
 
 
 # -- the model ---------------------------------------------------------------------------------------------
@@ -258,6 +261,7 @@ def generate(model: LanguageModel, vocab: TokenVocabulary, prompt: str = "", len
     model.eval()
     device = next(model.parameters()).device
     ids, _ = vocab.encode(prompt)
+    previous = (tokenize(prompt, vocab.level) or [None])[-1]  # the generated text continues the prompt's
     if ids.numel() == 0:
         start = "\n" if vocab.level == "char" else EOS
         ids = torch.tensor([vocab.index.get(start, vocab.unk)])
@@ -266,7 +270,8 @@ def generate(model: LanguageModel, vocab: TokenVocabulary, prompt: str = "", len
     last = logits[-1, 0]  # (V,)
     for _ in range(length):
         token = sample(last, temperature, top_k, generator, banned=vocab.unk if vocab.level == "char" else None)
-        yield vocab.text_of(vocab.tokens[token])
+        yield vocab.text_of(vocab.tokens[token], previous)
+        previous = vocab.tokens[token]
         logits, state = model(torch.tensor([[token]], device=device), state)
         last = logits[-1, 0]
 
@@ -738,7 +743,7 @@ def run_generate(args) -> int:
                           "temperature": args.temperature, "top_k": args.top_k, "unknown_in_prompt": unknown},
                          ensure_ascii=False))
         return 0
-    sys.stdout.write(args.prompt + ("" if trained.vocab.level == "char" or not args.prompt else " "))
+    sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()

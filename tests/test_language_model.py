@@ -380,7 +380,16 @@ def test_word_level_through_the_cli(files, tmp_path, capsys):
     metrics = json.loads(out_text)
     assert code == 0 and metrics["unknown"] == 1 and metrics["tokens"] == 6 and "bits_per_char" not in metrics
     code, text, _ = run(capsys, "generate", str(out), "--prompt", "the cat", "--length", "12", "--seed", "2")
-    assert code == 0 and text.startswith("the cat ") and len(text.split()) >= 2
+    assert code == 0 and text[:8] in ("the cat ", "the cat\n") and len(text.split()) >= 2
+    code, text, _ = run(capsys, "generate", str(out), "--length", "60", "--seed", "3", "--temperature", "2")
+    assert code == 0 and "\n" in text.rstrip("\n") and " \n" not in text and "  " not in text  # no space at a
+    assert not text.startswith(" ")  # line's end, none doubled, none before the first word
+
+
+def test_words_are_spaced_as_text():
+    vocab = lm.TokenVocabulary.build("a b\nb a\n", "word")
+    pieces = [vocab.text_of(t, p) for p, t in zip([None, "a", "b", lm.EOS, "b"], ["a", "b", lm.EOS, "b", "a"])]
+    assert "".join(pieces) == "a b\nb a"
 
 
 def test_an_existing_run_is_kept_unless_overwrite_and_split_is_refused(trained, files, tmp_path, capsys):
