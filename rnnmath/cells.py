@@ -77,6 +77,20 @@ ids N (measured side by side, 1 thread, N = 3,840, V = 400: G = 3 88 against 78 
 G = 256 1,290 against 889; and lose where V > N: G = 64, V = 20,000, 3,243 against 12,191), so that comes first."""
 
 
+_ATEN_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float16: "Half"}
+
+
+def check_autocast_operands(input_dtype: torch.dtype, weight_dtype: torch.dtype, autocast_dtype: torch.dtype):
+    """torch.nn's error where autocast leaves one operand of the input projection in float64 (it casts only
+    lower-precision-eligible floats, not double): a float64 input to a float32 layer, or the reverse."""
+    def cast(dtype):
+        return dtype if dtype == torch.float64 else autocast_dtype
+
+    if cast(input_dtype) != cast(weight_dtype):
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_ATEN_NAMES.get(cast(input_dtype))} "
+                           f"and {_ATEN_NAMES.get(cast(weight_dtype))}")
+
+
 class Cell(nn.Module):
     """Base class of every cell: parameters, input projection, initial state and the torch.nn call."""
 
@@ -232,6 +246,9 @@ class Cell(nn.Module):
         like = next(t for t in p.values() if t is not None)
         device_type = input.device.type
         autocast = torch.is_autocast_enabled(device_type)
+        if autocast and not ids:
+            check_autocast_operands(input.dtype, like.dtype, torch.get_autocast_dtype(device_type))
+        autocast = autocast and like.dtype != torch.float64  # autocast leaves float64 alone
         if not ids and not autocast and input.dtype != like.dtype:
             raise RuntimeError(f"{name}: input dtype ({input.dtype}) does not match weight dtype ({like.dtype}); "
                                f"convert the input (input.to({like.dtype})) or the cell (cell.to({input.dtype}))")

@@ -72,6 +72,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .cells import Cell, GRUCell, RNNCell
+from .fused import without_autocast
 
 enabled: bool = os.environ.get("RNNMATH_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 """Use the compiled generic path (default True). False (or RNNMATH_COMPILE=0 at import) never starts the
@@ -600,6 +601,7 @@ class _GenericScan(torch.autograd.Function):
         return (output, *(f[-1].clone() for f in fields))
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_output, *grad_last):
         graphs, chunks, n_state, T, segments = ctx.graphs, ctx.chunks, ctx.n_state, ctx.T, ctx.segments
         xw, mask, weight_hh, hws, *rest = ctx.saved_tensors
@@ -794,6 +796,7 @@ class _Linear(torch.autograd.Function):
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (N, I), (N, G)

@@ -31,6 +31,8 @@ called without it, a Function keeps xw itself.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -40,6 +42,20 @@ _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
+
+
+def without_autocast(backward):
+    """An autograd.Function's backward run with autocast off on the gradients' device: the hand-written
+    backward works in its forward's precision, and a ``loss.backward()`` called inside a ``torch.autocast``
+    block would otherwise cast its products (and fail on the in-place ones: "self and mat2 must have the same
+    dtype")."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        device = next((g.device.type for g in grads if isinstance(g, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+
+    return run
 
 def _needs_replay(grads) -> bool:
     """True when the backward pass is itself recorded (create_graph=True), runs under a torch.func transform,
@@ -149,6 +165,7 @@ class _RNNScan(torch.autograd.Function):
         return output, h.clone()
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_output, grad_hn):
         hs, h0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
         if _needs_replay((grad_output, grad_hn)):
@@ -229,6 +246,7 @@ class _LSTMScan(torch.autograd.Function):
         return output, h.clone(), c.clone()
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_output, grad_hn, grad_cn):
         gates, hs, cs, h0, c0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
         grads = (grad_output, grad_hn, grad_cn)
@@ -316,6 +334,7 @@ class _GRUScan(torch.autograd.Function):
         return output, h.clone()
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_output, grad_hn):
         hh, r, z, n, hs, h0, weight_hh, mask, xw, bias_hh = ctx.saved_tensors
         if _needs_replay((grad_output, grad_hn)):
