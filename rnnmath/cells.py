@@ -91,6 +91,18 @@ def check_autocast_operands(input_dtype: torch.dtype, weight_dtype: torch.dtype,
                            f"and {_ATEN_NAMES.get(cast(weight_dtype))}")
 
 
+def autocast_in_effect(input: Tensor, weight: Tensor, ids: bool) -> bool:
+    """Whether ``torch.autocast`` changes a call of a cell or layer on ``input``: it is on for the input's device
+    and the weights are not float64 (autocast leaves float64 alone). Raises torch's error where it would leave
+    one operand of the input projection in float64 and cast the other."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return False
+    if not ids:
+        check_autocast_operands(input.dtype, weight.dtype, torch.get_autocast_dtype(device_type))
+    return weight.dtype != torch.float64
+
+
 class Cell(nn.Module):
     """Base class of every cell: parameters, input projection, initial state and the torch.nn call."""
 
@@ -245,10 +257,7 @@ class Cell(nn.Module):
         p = self.params()
         like = next(t for t in p.values() if t is not None)
         device_type = input.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        if autocast and not ids:
-            check_autocast_operands(input.dtype, like.dtype, torch.get_autocast_dtype(device_type))
-        autocast = autocast and like.dtype != torch.float64  # autocast leaves float64 alone
+        autocast = autocast_in_effect(input, like, ids)
         if not ids and not autocast and input.dtype != like.dtype:
             raise RuntimeError(f"{name}: input dtype ({input.dtype}) does not match weight dtype ({like.dtype}); "
                                f"convert the input (input.to({like.dtype})) or the cell (cell.to({input.dtype}))")

@@ -282,9 +282,8 @@ training, empty cache: 27 against 26 s). False keeps inductor's Python wrapper."
 
 _COMPILED: dict[tuple, object] = {}
 """Compiled graphs by their code and example inputs' layouts, shared by every cell object in the process: a new
-layer, a reloaded model or a second training run in one process compiles nothing it has compiled before
-(inductor's on-disk cache, which serves other processes, still took 15-23 s for a language model's graphs, B = 8
-and 1, H = 32, before _cacheable; tracing is all that is left)."""
+layer, a reloaded model or a second training run in one process compiles nothing it has compiled before, and
+pays its tracing only (a language model's graphs, B = 8 and 1, H = 32, took 15-23 s to compile again before)."""
 
 
 def _compile(gm, example, compile: bool):

@@ -16,7 +16,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import compiled
-from .cells import TOKEN_ID_DTYPES, Cell, GRUCell, LSTMCell, RNNCell, check_autocast_operands
+from .cells import TOKEN_ID_DTYPES, Cell, GRUCell, LSTMCell, RNNCell, autocast_in_effect
 
 torch_kernels: bool = True
 """Let the built-in RNN, LSTM and GRU run torch's own fused operators where they can
@@ -298,10 +298,7 @@ class Recurrent(nn.Module):
                                f"Expected {self.input_size}, got {x.shape[-1]}")
         T, B = x.shape[0], x.shape[1]
         weight = self._weight_ih()
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if autocast and not ids:
-            check_autocast_operands(x.dtype, weight.dtype, torch.get_autocast_dtype(x.device.type))
-        autocast = autocast and weight.dtype != torch.float64  # autocast leaves float64 alone
+        autocast = autocast_in_effect(x, weight, ids)
         if not ids and not autocast and x.dtype != weight.dtype:  # torch.nn skips this check under autocast
             raise ValueError(f"{name}: input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
                              f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
