@@ -80,26 +80,20 @@ G = 256 1,290 against 889; and lose where V > N: G = 64, V = 20,000, 3,243 again
 _ATEN_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float16: "Half"}
 
 
-def check_autocast_operands(input_dtype: torch.dtype, weight_dtype: torch.dtype, autocast_dtype: torch.dtype):
-    """torch.nn's error where autocast leaves one operand of the input projection in float64 (it casts only
-    lower-precision-eligible floats, not double): a float64 input to a float32 layer, or the reverse."""
-    def cast(dtype):
-        return dtype if dtype == torch.float64 else autocast_dtype
-
-    if cast(input_dtype) != cast(weight_dtype):
-        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_ATEN_NAMES.get(cast(input_dtype))} "
-                           f"and {_ATEN_NAMES.get(cast(weight_dtype))}")
-
-
 def autocast_in_effect(input: Tensor, weight: Tensor, ids: bool) -> bool:
     """Whether ``torch.autocast`` changes a call of a cell or layer on ``input``: it is on for the input's device
-    and the weights are not float64 (autocast leaves float64 alone). Raises torch's error where it would leave
-    one operand of the input projection in float64 and cast the other."""
+    and the weights are not float64 (autocast casts only lower-precision-eligible floats, never float64). Raises
+    torch.nn's error where it would leave one operand of the input projection in float64 and cast the other (a
+    float64 input to a float32 layer, or the reverse)."""
     device_type = input.device.type
     if not torch.is_autocast_enabled(device_type):
         return False
     if not ids:
-        check_autocast_operands(input.dtype, weight.dtype, torch.get_autocast_dtype(device_type))
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        x_dtype, w_dtype = (d if d == torch.float64 else autocast_dtype for d in (input.dtype, weight.dtype))
+        if x_dtype != w_dtype:
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_ATEN_NAMES.get(x_dtype)} and "
+                               f"{_ATEN_NAMES.get(w_dtype)}")
     return weight.dtype != torch.float64
 
 

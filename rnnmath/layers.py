@@ -95,8 +95,6 @@ def _zoneout(new, old, z: float, training: bool):
     return type(new)(*((1 - z) * n + z * o for n, o in zip(new, old)))
 
 
-
-
 class Recurrent(nn.Module):
     r"""A stack of recurrent layers of any cell, with the constructor and call of ``torch.nn.RNN/LSTM/GRU``.
 
