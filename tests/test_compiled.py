@@ -69,6 +69,42 @@ def test_generic_path_equals_readable_loop_for_every_cell(name, dtype, chunk, mo
             assert_close_scaled(got[1], want[1], dtype)
 
 
+# T = 11, chunks of 2, scans of at least 2 chunks: a scan of 4 chunks (8 steps), a chunk and a step
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(CELLS))
+def test_scans_of_chunks_equal_readable_loop_for_every_cell(name, dtype, monkeypatch):
+    monkeypatch.setattr(compiled, "chunk_steps", 2)
+    monkeypatch.setattr(compiled, "scan_min_chunks", 2)
+    monkeypatch.setattr(compiled, "scan_max_batch", 3)
+    assert compiled.chunk_sizes(11, scan=True) == [8, 2, 1]
+    cell, p, xw, state = case(CELLS[name], dtype, batch=3, steps=11)
+    for mask in (None, (torch.arange(11).unsqueeze(1) < torch.tensor([11, 0, 6])).unsqueeze(2)):
+        got = run_path(cell, p, xw, state, mask, generic=True)
+        want = run_path(cell, p, xw, state, mask, generic=False)
+        assert_close_scaled(got[0], want[0], dtype)
+        assert_close_scaled(got[1], want[1], dtype)
+    assert all(8 in graphs.chunks for graphs in compiled._GRAPHS[cell].values())  # the scans ran
+
+
+def test_a_scan_that_cannot_be_built_leaves_the_chunks(monkeypatch):
+    """If torch's scan operator fails (tracing or compiling), one warning, and the loop runs chunks as before."""
+    monkeypatch.setattr(compiled, "chunk_steps", 2)
+    monkeypatch.setattr(compiled, "scan_min_chunks", 2)
+    monkeypatch.setattr(compiled, "scan_max_batch", 3)
+
+    def broken(*args):
+        raise RuntimeError("no scan here")
+
+    monkeypatch.setattr(compiled, "_scan_functions", broken)
+    cell, p, xw, state = case(CELLS["peephole_lstm"], torch.float64, batch=3, steps=11)
+    with pytest.warns(UserWarning, match="scans of chunks are switched off.*no scan here"):
+        got = run_path(cell, p, xw, state, None, generic=True)
+    assert compiled.scan_max_batch == 0
+    want = run_path(cell, p, xw, state, None, generic=False)
+    assert_close_scaled(got[0], want[0], torch.float64)
+    assert_close_scaled(got[1], want[1], torch.float64)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("name", ["peephole_lstm", "gru", "layernorm_lstm"])
 def test_onednn_recurrent_products_equal_the_readable_loop(name, monkeypatch):
@@ -223,14 +259,17 @@ def test_compile_switch_and_unsupported_modes_use_other_paths(monkeypatch):
 
 
 # -- compiled (inductor): few and small, seconds each on 2 cores ------------------------------------------------
-@pytest.mark.parametrize("chunk", [8, 2])  # T = 5: one step a call; chunks of 2 and a step
-def test_compiled_layer_equals_readable_layer(monkeypatch, chunk):
+# T = 5: one step a call; chunks of 2 and a step; a scan of 2 chunks and a step
+@pytest.mark.parametrize(("chunk", "scan"), [(8, False), (2, False), (2, True)])
+def test_compiled_layer_equals_readable_layer(monkeypatch, chunk, scan):
     """A bidirectional LayerNorm-LSTM layer with lengths: the compiled step and the compiled projection
     against the readable loop, values and gradients, float32; compiled on the second call of the layer
     (min_calls = 3: each call runs the cell twice, once per direction)."""
     monkeypatch.setattr(compiled, "enabled", True)
     monkeypatch.setattr(compiled, "min_calls", 3)
     monkeypatch.setattr(compiled, "chunk_steps", chunk)
+    monkeypatch.setattr(compiled, "scan_max_batch", 2 if scan else 0)
+    monkeypatch.setattr(compiled, "scan_min_chunks", 2)
     monkeypatch.setattr(compiled, "COMPILE_SECONDS", {})
     monkeypatch.setattr(compiled, "onednn_min_hidden", 1)  # the single steps' products through oneDNN
     monkeypatch.setattr(compiled, "onednn_min_steps", 1)
@@ -253,7 +292,9 @@ def test_compiled_layer_equals_readable_layer(monkeypatch, chunk):
                          *torch.autograd.grad(loss, [x, *layer.parameters()])]
     assert_close_scaled(results[True], results[False], dtype)
     assert step_key in compiled.COMPILE_SECONDS
-    assert ("LayerNormLSTMCell B=2 H=4 float32 2 steps lengths" in compiled.COMPILE_SECONDS) == (chunk == 2)
+    assert ("LayerNormLSTMCell B=2 H=4 float32 2 steps lengths" in compiled.COMPILE_SECONDS) == (chunk == 2
+                                                                                                and not scan)
+    assert ("LayerNormLSTMCell B=2 H=4 float32 4 steps lengths" in compiled.COMPILE_SECONDS) == scan
     assert "LayerNormLSTMCell project" in compiled.COMPILE_SECONDS
     copy = __import__("copy").deepcopy(layer)  # the compiled code stays outside the layer: copies start afresh
     copy.fast = True
@@ -531,6 +572,14 @@ def test_a_call_without_gradients_runs_the_forward_pass_alone_and_gives_the_same
 def test_chunk_sizes_are_whole_chunks_then_halves_then_single_steps(K, T, sizes, monkeypatch):
     monkeypatch.setattr(compiled, "chunk_steps", K)
     assert compiled.chunk_sizes(T) == sizes
+
+
+@pytest.mark.parametrize(("T", "sizes"), [
+    (100, [64, 32, 4]), (30, [8, 8, 8, 4, 2]), (35, [32, 2, 1]), (56, [32, 8, 8, 8]), (128, [128]), (7, [1] * 7),
+])
+def test_scans_take_the_powers_of_two_of_at_least_scan_min_chunks_chunks(T, sizes):
+    assert (compiled.chunk_steps, compiled.scan_min_chunks) == (8, 4)
+    assert compiled.chunk_sizes(T, scan=True) == sizes
 
 
 def test_chunks_run_where_a_steps_recurrent_product_is_small(monkeypatch):
