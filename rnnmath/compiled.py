@@ -62,6 +62,7 @@ process and the layer falls back to its other paths.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -331,7 +332,10 @@ def _compile_now(gm, example):
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx_inner, get_cpp_wrapper_config
 
-    with _cacheable(gm, example) as example:
+    # torch's scan operator is left out of inductor's disk cache by default (every process compiled the scans
+    # again, 10-12 s each); its loop body is a submodule of gm, part of the cache key, so mark it cacheable
+    scan = {"torch.ops.higher_order.scan": torch.__version__}
+    with _cacheable(gm, example) as example, config.patch(unsafe_marked_cacheable_functions=scan):
         if not cpp_wrapper:
             graph = compile_fx_inner(gm, example)
         else:
@@ -432,8 +436,11 @@ def _build(cell, p: dict, xw: Tensor, state, mask: Tensor | None, compile: bool)
             continue
         grads = [torch.ones_like(o) for o in outputs]
         bwd = make_fx(_vjp_function(update, len(inputs)), decompositions, tracing_mode="fake")(*inputs, *grads)
+        # the chunks and scans trace bwd again: a copy, as inductor rewrites the graphs it compiles in place (a
+        # scan's graph then differed between a process that compiled bwd and one that took it from the cache)
+        vjp = copy.deepcopy(bwd)
         graphs = _Graphs(_compile(fwd, inputs, compile), _compile(bwd, inputs + grads, compile), split, names,
-                         update, bwd, {})
+                         update, vjp, {})
         break
     if compile:
         key = f"{type(cell).__name__} B={xw.shape[1]} H={state.h.shape[1]} {str(xw.dtype)[6:]}"

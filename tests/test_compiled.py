@@ -512,20 +512,24 @@ def test_chunk_steps_from_the_environment():
 
 
 
-def test_a_new_process_takes_the_compiled_graphs_from_inductors_disk_cache(tmp_path):
+# one step a call (B = 2); a scan of two chunks of 2 steps (B = 1, T = 4): 2 graphs more, forward and backward
+@pytest.mark.parametrize(("setup", "batch", "graphs"), [
+    ("chunk_steps = 1", 2, 2), ("chunk_steps, c.scan_min_chunks = 2, 2", 1, 4)])
+def test_a_new_process_takes_the_compiled_graphs_from_inductors_disk_cache(setup, batch, graphs, tmp_path):
     """Every graph inductor compiled in one process is a hit of its on-disk FX-graph cache in the next (they all
-    bypassed it before, "No shape env", and real example inputs were hashed with their values), and the results
-    are the same."""
+    bypassed it before, "No shape env", and real example inputs were hashed with their values; scans bypassed it
+    as torch's scan operator is not marked cacheable), and the results are the same."""
     import os
     import subprocess
     import sys
 
     code = ("import torch, rnnmath\n"
             "from torch._dynamo.utils import counters\n"
-            "rnnmath.compiled.enabled, rnnmath.compiled.min_calls, rnnmath.compiled.chunk_steps = True, 1, 1\n"
+            "c = rnnmath.compiled\n"
+            f"c.enabled, c.min_calls = True, 1\nc.{setup}\n"
             "torch.manual_seed(0)\n"
             "layer = rnnmath.Recurrent(rnnmath.CELLS['peephole_lstm'], 3, 4, dtype=torch.float64)\n"
-            "out = layer(torch.randn(5, 2, 3, dtype=torch.float64))[0]\n"
+            f"out = layer(torch.randn(4, {batch}, 3, dtype=torch.float64))[0]\n"
             "out.sum().backward()\n"
             "print(sorted(k for k in rnnmath.compiled.COMPILE_SECONDS), dict(counters['inductor']).get("
             "'fxgraph_cache_hit', 0), dict(counters['inductor']).get('fxgraph_cache_miss', 0), "
@@ -537,8 +541,9 @@ def test_a_new_process_takes_the_compiled_graphs_from_inductors_disk_cache(tmp_p
         return result.stdout.strip().rsplit(" ", 4)
 
     keys, hits, misses, value, grad = run()
-    assert "PeepholeLSTMCell B=2 H=4 float64" in keys and (hits, misses) == ("0", "2")
-    assert run() == [keys, "2", "0", value, grad]
+    assert f"PeepholeLSTMCell B={batch} H=4 float64" in keys and (hits, misses) == ("0", str(graphs))
+    assert ("PeepholeLSTMCell B=1 H=4 float64 4 steps" in keys) == (batch == 1)
+    assert run() == [keys, str(graphs), "0", value, grad]
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
