@@ -153,13 +153,14 @@ inference 2.29 against 2.60, 1 thread training 1.99 against 2.08; B = 32 1.59 ag
 
 scan_max_batch: int = 1
 """Up to this batch size, runs of :data:`scan_min_chunks` or more whole chunks are one compiled call each: a
-chunk's graph looped by torch's ``scan`` operator inside the compiled code, so that the loop's Python, about
-30 µs a chunk at B = 1, is paid once per call (:func:`chunk_sizes`). Measured side by side (rnnmath /
-torch.nn.LSTM, chunks then scans, rounds in alternating order, Intel Xeon, 1 thread, T = 100, B = 1):
-LayerNorm-LSTM H = 64 training 3.23 -> 2.72, inference 3.26 -> 2.97; peephole LSTM H = 64 2.42 -> 2.16,
-2.46 -> 2.24, H = 256 0.99 -> 0.98, 1.62 -> 1.56; IndRNN H = 64 1.01 -> 0.85, 1.08 -> 0.93. At B = 32 they lost
-(peephole H = 64 1.87 -> 2.13, LayerNorm-LSTM H = 256 1.35 -> 1.57), and at T = 30, B = 1 (two chunks a scan)
-too (peephole H = 64 1.87 -> 1.98). 0 turns scans off."""
+chunk's graph looped by torch's ``scan`` operator inside the compiled code, so that the Python around each
+chunk's call (10-20 µs at B = 1 under cProfile) is paid once per scan (:func:`chunk_sizes`). Measured side by
+side (rnnmath / torch.nn.LSTM, chunks then scans, rounds in alternating order, Intel Xeon, 1 thread, T = 100,
+B = 1): LayerNorm-LSTM H = 64 training 3.23 -> 2.72, inference 3.26 -> 2.97; peephole LSTM H = 64 2.42 -> 2.16,
+2.46 -> 2.24, H = 256 0.99 -> 0.98, 1.62 -> 1.56; IndRNN H = 64 1.01 -> 0.85, 1.08 -> 0.93; minGRU equal;
+minLSTM slower (1.12-1.18 -> 1.29-1.30: its class sets ``chunk_scans = False``). At B = 32 they lost (peephole
+H = 64 1.87 -> 2.13, LayerNorm-LSTM H = 256 1.35 -> 1.57), and at T = 30, B = 1 (two chunks a scan) too
+(peephole H = 64 1.87 -> 1.98). 0 turns scans off."""
 
 scan_min_chunks: int = 4
 """The fewest whole chunks one scan covers (:data:`scan_max_batch`): 4 chunks of 8, 32 steps."""
@@ -979,11 +980,11 @@ def generic_scan(cell, p: dict, xw: Tensor, state, mask: Tensor | None, *, compi
 def _all_chunk_graphs(cell, graphs: _Graphs, xw: Tensor, state: list, weight_hh: Tensor, params: list,
                       mask: Tensor | None, compile: bool) -> dict:
     """K -> (forward, backward) for every chunk size of :func:`chunk_sizes` at xw's length, with scans where they
-    pay (:data:`scan_max_batch`). If a scan cannot be traced or compiled, a warning says so once and the loop
-    runs chunks as before (``scan_max_batch`` is set to 0)."""
+    pay (:data:`scan_max_batch`, and the cell's ``chunk_scans``). If a scan cannot be traced or compiled, a
+    warning says so once and the loop runs chunks as before (``scan_max_batch`` is set to 0)."""
     global scan_max_batch
     T = xw.shape[0]
-    if xw.shape[1] <= scan_max_batch:
+    if xw.shape[1] <= scan_max_batch and cell.chunk_scans:
         try:
             return {K: _chunk_graphs(cell, graphs, K, xw, state, weight_hh, params, mask, compile)
                     for K in set(chunk_sizes(T, scan=True)) - {1}}

@@ -83,7 +83,8 @@ def test_scans_of_chunks_equal_readable_loop_for_every_cell(name, dtype, monkeyp
         want = run_path(cell, p, xw, state, mask, generic=False)
         assert_close_scaled(got[0], want[0], dtype)
         assert_close_scaled(got[1], want[1], dtype)
-    assert all(8 in graphs.chunks for graphs in compiled._GRAPHS[cell].values())  # the scans ran
+    # the scans ran, but for minLSTM, which keeps its chunks (chunk_scans, measured)
+    assert all((8 in graphs.chunks) == (name != "minlstm") for graphs in compiled._GRAPHS[cell].values())
 
 
 def test_a_scan_that_cannot_be_built_leaves_the_chunks(monkeypatch):
