@@ -983,17 +983,19 @@ def _all_chunk_graphs(cell, graphs: _Graphs, xw: Tensor, state: list, weight_hh:
     pay (:data:`scan_max_batch`, and the cell's ``chunk_scans``). If a scan cannot be traced or compiled, a
     warning says so once and the loop runs chunks as before (``scan_max_batch`` is set to 0)."""
     global scan_max_batch
-    T = xw.shape[0]
+
+    def build(scan: bool) -> dict:
+        return {K: _chunk_graphs(cell, graphs, K, xw, state, weight_hh, params, mask, compile)
+                for K in set(chunk_sizes(xw.shape[0], scan)) - {1}}
+
     if xw.shape[1] <= scan_max_batch and cell.chunk_scans:
         try:
-            return {K: _chunk_graphs(cell, graphs, K, xw, state, weight_hh, params, mask, compile)
-                    for K in set(chunk_sizes(T, scan=True)) - {1}}
+            return build(scan=True)
         except Exception as error:  # noqa: BLE001 - torch's scan operator is young: chunks do without it
             warnings.warn(f"rnnmath: scans of chunks are switched off for this process ({type(error).__name__}: "
                           f"{error}); the loop runs one chunk a call", stacklevel=3)
             scan_max_batch = 0
-    return {K: _chunk_graphs(cell, graphs, K, xw, state, weight_hh, params, mask, compile)
-            for K in set(chunk_sizes(T)) - {1}}
+    return build(scan=False)
 
 
 class _Inference:
