@@ -874,6 +874,16 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return linear(b.t(), a, None, "none", [None], "").t()
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x Wᵀ + b (x (..., I), W (G, I), b (G) or None), through oneDNN where that pays (:func:`_onednn_pays`)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, I)
+    if _onednn_pays(x2, weight.t()):
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [None], "")
+    else:
+        y = F.linear(x2, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 class _Linear(torch.autograd.Function):
     """x Wᵀ + b (x (..., I), W (G, I), b (G) or None) with the three products through :func:`matmul`. A backward
     pass that is itself recorded (``create_graph=True``) uses ATen's differentiable products instead."""
@@ -882,12 +892,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        x2 = x.reshape(-1, x.shape[-1])  # (N, I)
-        if _onednn_pays(x2, weight.t()):
-            y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [None], "")
-        else:
-            y = F.linear(x2, weight, bias)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return _linear(x, weight, bias)
 
     @staticmethod
     @without_autocast
@@ -1014,7 +1019,10 @@ def project(cell, p: dict, x: Tensor) -> Tensor:
     if not x.is_floating_point():
         return cell.project(p, x)
     if type(cell).project is Cell.project:  # x W_ihᵀ + b_ih, its products through oneDNN where that pays
-        return _Linear.apply(x, p["weight_ih"], p.get("bias_ih"))
+        operands = (x, p["weight_ih"], p.get("bias_ih"))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
+            return _Linear.apply(*operands)
+        return _linear(*operands)  # inference: without autograd.Function's bookkeeping (about 15 µs a call)
     fn = _PROJECTS.get(cell)
     first = fn is None
     if first:
