@@ -77,7 +77,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .cells import Cell, GRUCell, RNNCell
-from .fused import without_autocast
+from .fused import one_thread_if_small, without_autocast
 
 enabled: bool = os.environ.get("RNNMATH_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 """Use the compiled generic path (default True). False (or RNNMATH_COMPILE=0 at import) never starts the
@@ -634,6 +634,14 @@ def _is_compiler_error(error: Exception) -> bool:
     return "inductor" in type(error).__module__ or "Compil" in type(error).__name__ or isinstance(error, OSError)
 
 
+def _one_thread_if_small(graphs: _Graphs, xw: Tensor, weight_hh: Tensor):
+    """:func:`rnnmath.fused.one_thread_if_small` for a loop of these graphs: the step's product h W_hhᵀ, or none
+    when the cell keeps W_hh inside its update."""
+    if graphs.split:
+        return one_thread_if_small(xw.shape[1], *weight_hh.shape)
+    return one_thread_if_small(xw.shape[1], xw.shape[2], 0)
+
+
 class _GenericScan(torch.autograd.Function):
     """The time loop of any cell with the derived update (see the module docstring)."""
 
@@ -657,26 +665,27 @@ class _GenericScan(torch.autograd.Function):
         for f, s in zip(fields, state):
             f[0] = s
         hws = xw.new_empty(T, B, weight_hh.shape[0]) if graphs.split and training else None  # (T, B, G)
-        for t0, K in segments:
-            if K > 1:
-                inputs = [xw[t0:t0 + K], *state, *([weight_hh] if graphs.split else []), *params,
-                          *([mask[t0:t0 + K]] if mask is not None else [])]
-                found = chunks[K][0](inputs)
-                for f, new in zip(fields, found[:n_state]):
-                    f[t0 + 1:t0 + K + 1] = new
-                if hws is not None:
-                    hws[t0:t0 + K] = found[n_state]
-                state = [f[-1] for f in found[:n_state]]
-                continue
-            inputs = [xw[t0]]
-            if graphs.split:
-                inputs.append(product(state[0], out=hws[t0] if hws is not None else None))
-            inputs += state + params
-            if mask is not None:
-                inputs.append(mask[t0])
-            state = [s.contiguous() for s in graphs.forward(inputs)]
-            for f, new in zip(fields, state):
-                f[t0 + 1] = new
+        with _one_thread_if_small(graphs, xw, weight_hh):
+            for t0, K in segments:
+                if K > 1:
+                    inputs = [xw[t0:t0 + K], *state, *([weight_hh] if graphs.split else []), *params,
+                              *([mask[t0:t0 + K]] if mask is not None else [])]
+                    found = chunks[K][0](inputs)
+                    for f, new in zip(fields, found[:n_state]):
+                        f[t0 + 1:t0 + K + 1] = new
+                    if hws is not None:
+                        hws[t0:t0 + K] = found[n_state]
+                    state = [f[-1] for f in found[:n_state]]
+                    continue
+                inputs = [xw[t0]]
+                if graphs.split:
+                    inputs.append(product(state[0], out=hws[t0] if hws is not None else None))
+                inputs += state + params
+                if mask is not None:
+                    inputs.append(mask[t0])
+                state = [s.contiguous() for s in graphs.forward(inputs)]
+                for f, new in zip(fields, state):
+                    f[t0 + 1] = new
         ctx.graphs, ctx.chunks, ctx.cell, ctx.p_template = graphs, chunks, cell, p_template
         ctx.n_state, ctx.T, ctx.segments, ctx.onednn = n_state, T, segments, onednn
         if training:
@@ -713,41 +722,42 @@ class _GenericScan(torch.autograd.Function):
         params = list(params)
         # ∂L/∂hw W_hh: the product with the matrix W_hhᵀ (H, G)
         product = _Product(weight_hh.t(), xw.shape[1], ctx.onednn) if graphs.split else None
-        for t0, K in reversed(segments):
-            if K > 1:
-                span = slice(t0, t0 + K)
-                found = chunks[K][1]([xw[span], *([hws[span]] if graphs.split else []), *(f[span] for f in fields),
-                                  *([weight_hh] if graphs.split else []), *params,
-                                  *([mask[span]] if mask is not None else []), g_prev[span], *grads])
-                dx[span] = found[0]
+        with _one_thread_if_small(graphs, xw, weight_hh):
+            for t0, K in reversed(segments):
+                if K > 1:
+                    span = slice(t0, t0 + K)
+                    found = chunks[K][1]([xw[span], *([hws[span]] if graphs.split else []), *(f[span] for f in fields),
+                                      *([weight_hh] if graphs.split else []), *params,
+                                      *([mask[span]] if mask is not None else []), g_prev[span], *grads])
+                    dx[span] = found[0]
+                    if graphs.split:
+                        dhw[span] = found[1]
+                    grads = list(found[lead:lead + n_state])
+                    for acc, g in zip(dparams, found[lead + n_state:]):
+                        acc.append(g)
+                    continue
+                t = t0
+                inputs = [xw[t]] + ([hws[t]] if graphs.split else []) + [f[t] for f in fields] + params
+                if mask is not None:
+                    inputs.append(mask[t])
+                found = graphs.backward(inputs + grads)
+                dx[t] = found[0]
+                for acc, g in zip(dparams, found[lead + n_state:lead + n_state + len(params)]):
+                    if g is not None:
+                        acc.append(g)
+                dstate = [g if g is not None else torch.zeros_like(f[t])
+                          for g, f in zip(found[lead:lead + n_state], fields)]
+                direct = found[lead]  # ∂L/∂h_{t-1} other than through hw (None when h enters only the product)
                 if graphs.split:
-                    dhw[span] = found[1]
-                grads = list(found[lead:lead + n_state])
-                for acc, g in zip(dparams, found[lead + n_state:]):
-                    acc.append(g)
-                continue
-            t = t0
-            inputs = [xw[t]] + ([hws[t]] if graphs.split else []) + [f[t] for f in fields] + params
-            if mask is not None:
-                inputs.append(mask[t])
-            found = graphs.backward(inputs + grads)
-            dx[t] = found[0]
-            for acc, g in zip(dparams, found[lead + n_state:lead + n_state + len(params)]):
-                if g is not None:
-                    acc.append(g)
-            dstate = [g if g is not None else torch.zeros_like(f[t])
-                      for g, f in zip(found[lead:lead + n_state], fields)]
-            direct = found[lead]  # ∂L/∂h_{t-1} other than through hw (None when h enters only the product)
-            if graphs.split:
-                dhw[t] = found[1]
-                carried = g_prev[t] if t > 0 else None
-                if direct is not None:
-                    carried = direct if carried is None else carried + direct
-                # ∂L/∂h_{t-1} through hw = h W_hhᵀ
-                dstate[0] = product(found[1], add=carried)
-            elif t > 0:
-                dstate[0] = dstate[0] + g_prev[t]
-            grads = [g.contiguous() for g in dstate]
+                    dhw[t] = found[1]
+                    carried = g_prev[t] if t > 0 else None
+                    if direct is not None:
+                        carried = direct if carried is None else carried + direct
+                    # ∂L/∂h_{t-1} through hw = h W_hhᵀ
+                    dstate[0] = product(found[1], add=carried)
+                elif t > 0:
+                    dstate[0] = dstate[0] + g_prev[t]
+                grads = [g.contiguous() for g in dstate]
         dparams = [torch.stack(g).sum(0) if g else torch.zeros_like(q) for g, q in zip(dparams, params)]
         dW = None
         if graphs.split and ctx.needs_input_grad[7]:

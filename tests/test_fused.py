@@ -106,6 +106,50 @@ def test_token_ids_on_the_seed_configuration():
     assert_paths_equal(run_both(layer, ids, lengths=lengths), torch.float32)
 
 
+def test_small_loops_run_on_one_thread_and_restore_the_count():
+    """A loop whose steps are small runs on the calling thread alone (ATen would split their tiny operations
+    across threads, at a cost); the count comes back after it, also when it raises; large steps keep threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with fused.one_thread_if_small(128, 3, 3):  # the seed configuration
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with fused.one_thread_if_small(64, 1024, 256):  # 16.8 M multiply-adds a step
+            assert torch.get_num_threads() == 2
+        with fused.one_thread_if_small(64, 1024, 0):  # no product, but 65536 gate elements
+            assert torch.get_num_threads() == 2
+        with pytest.raises(KeyboardInterrupt), fused.one_thread_if_small(1, 256, 64):
+            raise KeyboardInterrupt
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_seed_configuration_loops_on_one_thread(monkeypatch):
+    """Both passes of the seed's tanh RNN run their steps with one thread, and the layer leaves the count as it was."""
+    seen = []
+
+    def counting(original):
+        def run(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return original(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "tanh_", counting(torch.tanh_))
+    monkeypatch.setattr(fused, "_tanh_backward", counting(fused._tanh_backward))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = rnnmath.RNN(400, 3)
+        output, _ = layer(torch.randint(0, 400, (30, 128)))  # (T, B) ids
+        output.sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1] * 60  # 30 steps forward, 30 back
+
+
 def test_fast_path_equals_torch_nn():
     """One direct check against torch.nn, the oracle of the whole suite (the full grid is in test_layers)."""
     torch.manual_seed(3)
