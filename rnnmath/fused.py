@@ -15,6 +15,7 @@ here compute the same thing faster and the tests hold them equal. Three things m
   gradients of the gate pre-activations ∂L/∂G_t go into one (T, B, G) buffer, from which
   ∂L/∂W_hh = Σ_t ∂L/∂G_tᵀ h_{t-1} is ONE matrix product over all steps, ∂L/∂b_hh one sum, and ∂L/∂xw is
   returned whole, so the layer's input projection gets its weight gradient as one product as well.
+* **Threads**: a loop whose steps are small runs on one thread (:func:`one_thread_if_small`).
 * **Lengths**: ``mask`` (T, B, 1) is True while step t is inside sequence b. Outside, the state is carried
   unchanged and the output is zero, exactly as in ``scan``; in the backward pass the candidate state gets no
   gradient there and the carried gradient passes straight through.
