@@ -33,6 +33,7 @@ called without it, a Function keeps xw itself.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,32 +47,38 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 one_thread_max_product: int = 1 << 18
-"""A loop over time whose step's recurrent product h W_hhᵀ has at most this many multiply-adds (B·G·H) ..."""
+"""A loop over time whose step's recurrent product h W_hhᵀ has at most this many multiply-adds (B·G·H; an LSTM's
+G is 4H: up to H = 256 at B = 1, H = 128 at B = 4) ..."""
 one_thread_max_elements: int = 1 << 12
-"""... and whose step touches at most this many gate elements (B·G) runs on the calling thread alone
-(:func:`one_thread_if_small`)."""
+"""... and whose step has at most this many gate elements (B·G) runs with one thread
+(:func:`one_thread_if_small`, for this module's loops and rnnmath.compiled's). Both 0 turn it off."""
 
 
 @contextmanager
 def one_thread_if_small(batch: int, gates: int, hidden: int) -> Iterator[None]:
-    """Run the block (a loop over time) on the calling thread alone when one step is small: at most
-    :data:`one_thread_max_product` multiply-adds in its product (B·G·H; ``hidden`` = 0 for a cell without one)
-    and :data:`one_thread_max_elements` gate elements (B·G).
+    """Run the block (a loop over time) with ``torch.set_num_threads(1)``, then restore the count, when one step is
+    small: at most :data:`one_thread_max_product` multiply-adds in its product (B·G·H; ``hidden`` = 0 for a cell
+    without one) and :data:`one_thread_max_elements` gate elements (B·G).
 
-    Such a step is a few microseconds of work, yet ATen and MKL split some of its operations (``tanh`` of 256
-    elements, a (128, 3) × (3, 3) product) across threads, and each parallel region costs more than it saves.
-    Measured on a 2-core AMD EPYC at 2 threads, one process, old and new interleaved: the seed configuration's
-    training step 2.06 -> 1.43 ms; B = 1, T = 30 training steps 5-31 % faster (peephole LSTM at H = 64 and
-    256, minGRU); at B = 32, H = 64 (peephole: 1.17 x slower) and at H = 1024, B = 1 (1.6 x slower) threads pay,
-    hence the bounds. ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL counts
-    (``omp_set_num_threads``, ``mkl_set_num_threads_local``): other threads keep theirs.
+    Such a step is a few microseconds of work, yet with more threads ATen and MKL split some of its operations
+    (``tanh`` of 256 elements, a (128, 3) × (3, 3) product) into parallel regions that cost more than they save.
+    Measured on a 2-core AMD EPYC at 2 threads (docs/benchmarks.md): the seed configuration's training step
+    2.06 -> 1.43 ms; slower at B = 32, H = 64 (peephole LSTM, 1.17 x) and at H = 1024, B = 1 (1.6 x), hence the
+    bounds.
+
+    Only while this is the process's one Python thread (``threading.active_count() == 1``): torch keeps, beside
+    each thread's own count, one process-wide count that threads started later inherit, and
+    ``torch.set_num_threads`` sets both, so with other threads about (a server's pool, a Jupyter kernel's, tqdm's
+    monitor) a thread they start during the loop would keep 1 thread and a count set elsewhere would be
+    overwritten. Those processes keep torch's threads here.
     """
     threads = torch.get_num_threads()
-    if threads == 1 or batch * gates * hidden > one_thread_max_product or batch * gates > one_thread_max_elements:
+    if (threads == 1 or batch * gates * hidden > one_thread_max_product or batch * gates > one_thread_max_elements
+            or threading.active_count() > 1):
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    try:  # set inside the try: an interrupt (Ctrl-C) between setting and the try would leave 1 thread for good
+        torch.set_num_threads(1)
         yield
     finally:
         torch.set_num_threads(threads)

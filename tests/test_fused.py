@@ -106,9 +106,10 @@ def test_token_ids_on_the_seed_configuration():
     assert_paths_equal(run_both(layer, ids, lengths=lengths), torch.float32)
 
 
-def test_small_loops_run_on_one_thread_and_restore_the_count():
+def test_small_loops_run_on_one_thread_and_restore_the_count(monkeypatch):
     """A loop whose steps are small runs on the calling thread alone (ATen would split their tiny operations
     across threads, at a cost); the count comes back after it, also when it raises; large steps keep threads."""
+    monkeypatch.setattr(fused.threading, "active_count", lambda: 1)  # whatever other tests left running
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -126,9 +127,17 @@ def test_small_loops_run_on_one_thread_and_restore_the_count():
         torch.set_num_threads(before)
 
 
-def test_the_seed_configuration_loops_on_one_thread(monkeypatch):
-    """Both passes of the seed's tanh RNN run their steps with one thread, and the layer leaves the count as it was."""
-    seen = []
+@pytest.mark.parametrize("other_thread", [False, True])
+def test_the_seed_configuration_loops_on_one_thread(other_thread, monkeypatch):
+    """Both passes of the seed's tanh RNN run their steps with one thread, and the layer leaves the count as it was;
+    not while another Python thread runs (a thread it started meanwhile would inherit torch's count of 1)."""
+    import threading
+
+    seen, stop = [], threading.Event()
+    if other_thread:
+        threading.Thread(target=stop.wait).start()
+    else:
+        monkeypatch.setattr(fused.threading, "active_count", lambda: 1)  # whatever other tests left running
 
     def counting(original):
         def run(*args, **kwargs):
@@ -147,7 +156,8 @@ def test_the_seed_configuration_loops_on_one_thread(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert seen == [1] * 60  # 30 steps forward, 30 back
+        stop.set()
+    assert seen == [2 if other_thread else 1] * 60  # 30 steps forward, 30 back
 
 
 def test_fast_path_equals_torch_nn():
