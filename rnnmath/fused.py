@@ -66,15 +66,14 @@ def one_thread_if_small(batch: int, gates: int, hidden: int) -> Iterator[None]:
     2.06 -> 1.43 ms; slower at B = 32, H = 64 (peephole LSTM, 1.17 x) and at H = 1024, B = 1 (1.6 x), hence the
     bounds.
 
-    Only while this is the process's one Python thread (``threading.active_count() == 1``): torch keeps, beside
-    each thread's own count, one process-wide count that threads started later inherit, and
-    ``torch.set_num_threads`` sets both, so with other threads about (a server's pool, a Jupyter kernel's, tqdm's
-    monitor) a thread they start during the loop would keep 1 thread and a count set elsewhere would be
-    overwritten. Those processes keep torch's threads here.
+    Only while this is the process's one Python thread (:func:`_alone`): torch keeps, beside each thread's own
+    count, one process-wide count that threads started later inherit, and ``torch.set_num_threads`` sets both, so
+    with other threads about (a server's pool, a Jupyter kernel's) a thread they start during the loop would keep
+    1 thread and a count set elsewhere would be overwritten. Those processes keep torch's threads here.
     """
     threads = torch.get_num_threads()
     if (threads == 1 or batch * gates * hidden > one_thread_max_product or batch * gates > one_thread_max_elements
-            or threading.active_count() > 1):
+            or not _alone()):
         yield
         return
     try:  # set inside the try: an interrupt (Ctrl-C) between setting and the try would leave 1 thread for good
@@ -82,6 +81,15 @@ def one_thread_if_small(batch: int, gates: int, hidden: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _alone() -> bool:
+    """Whether no other Python thread runs but tqdm's monitor, which only refreshes progress bars (inductor's
+    first compile in a process starts one, and it stays)."""
+    if threading.active_count() == 1:
+        return True
+    me = threading.current_thread()
+    return all(t is me or type(t).__module__ == "tqdm._monitor" for t in threading.enumerate())
 
 
 def without_autocast(backward):

@@ -109,7 +109,7 @@ def test_token_ids_on_the_seed_configuration():
 def test_small_loops_run_on_one_thread_and_restore_the_count(monkeypatch):
     """A loop whose steps are small runs on the calling thread alone (ATen would split their tiny operations
     across threads, at a cost); the count comes back after it, also when it raises; large steps keep threads."""
-    monkeypatch.setattr(fused.threading, "active_count", lambda: 1)  # whatever other tests left running
+    monkeypatch.setattr(fused, "_alone", lambda: True)  # whatever other tests left running
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -127,6 +127,27 @@ def test_small_loops_run_on_one_thread_and_restore_the_count(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_only_tqdms_monitor_does_not_count_as_another_thread():
+    """tqdm's monitor thread (inductor's compile progress leaves one) does not stop the loop's one thread."""
+    import io
+    import threading
+
+    from tqdm import tqdm
+
+    with tqdm(total=1, file=io.StringIO()):  # starts tqdm's monitor thread
+        monitors = [t for t in threading.enumerate() if type(t).__module__ == "tqdm._monitor"]
+        others = [t for t in threading.enumerate() if t is not threading.current_thread() and t not in monitors]
+        assert monitors and fused._alone() == (not others)
+    stop = threading.Event()
+    waiting = threading.Thread(target=stop.wait)
+    waiting.start()
+    try:
+        assert not fused._alone()
+    finally:
+        stop.set()
+        waiting.join()
+
+
 @pytest.mark.parametrize("other_thread", [False, True])
 def test_the_seed_configuration_loops_on_one_thread(other_thread, monkeypatch):
     """Both passes of the seed's tanh RNN run their steps with one thread, and the layer leaves the count as it was;
@@ -137,7 +158,7 @@ def test_the_seed_configuration_loops_on_one_thread(other_thread, monkeypatch):
     if other_thread:
         threading.Thread(target=stop.wait).start()
     else:
-        monkeypatch.setattr(fused.threading, "active_count", lambda: 1)  # whatever other tests left running
+        monkeypatch.setattr(fused, "_alone", lambda: True)  # whatever other tests left running
 
     def counting(original):
         def run(*args, **kwargs):
