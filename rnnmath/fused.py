@@ -62,9 +62,9 @@ def one_thread_if_small(batch: int, gates: int, hidden: int) -> Iterator[None]:
 
     Such a step is a few microseconds of work, yet with more threads ATen and MKL split some of its operations
     (``tanh`` of 256 elements, a (128, 3) × (3, 3) product) into parallel regions that cost more than they save.
-    Measured on a 2-core AMD EPYC at 2 threads (docs/benchmarks.md): the seed configuration's training step
-    2.06 -> 1.43 ms; slower at B = 32, H = 64 (peephole LSTM, 1.17 x) and at H = 1024, B = 1 (1.6 x), hence the
-    bounds.
+    Measured on a 2-core AMD EPYC at 2 threads (docs/benchmarks.md): B = 1 and small B = 32 steps 5-39 % faster
+    in one hour, no different beyond the noise in the next; slower at B = 32, H = 64 (peephole LSTM, 1.17 x) and
+    at H = 1024, B = 1 (1.6 x), hence the bounds.
 
     Only while this is the process's one Python thread (:func:`_alone`): torch keeps, beside each thread's own
     count, one process-wide count that threads started later inherit, and ``torch.set_num_threads`` sets both, so
