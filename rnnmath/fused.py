@@ -33,6 +33,7 @@ called without it, a Function keeps xw itself.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,12 +47,14 @@ _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
-one_thread_max_product: int = 1 << 18
+_ONE_THREAD = os.environ.get("RNNMATH_ONE_THREAD", "1").strip().lower() not in ("0", "false", "no", "off")
+one_thread_max_product: int = 1 << 18 if _ONE_THREAD else 0
 """A loop over time whose step's recurrent product h W_hhᵀ has at most this many multiply-adds (B·G·H; an LSTM's
 G is 4H: up to H = 256 at B = 1, H = 128 at B = 4) ..."""
-one_thread_max_elements: int = 1 << 12
+one_thread_max_elements: int = 1 << 12 if _ONE_THREAD else 0
 """... and whose step has at most this many gate elements (B·G) runs with one thread
-(:func:`one_thread_if_small`, for this module's loops and rnnmath.compiled's). Both 0 turn it off."""
+(:func:`one_thread_if_small`, for this module's loops and rnnmath.compiled's). Either at 0 turns it off, as does
+``RNNMATH_ONE_THREAD=0`` in the environment (read at import)."""
 
 
 @contextmanager

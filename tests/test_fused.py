@@ -127,6 +127,17 @@ def test_small_loops_run_on_one_thread_and_restore_the_count(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_the_one_thread_rule_is_off_with_its_environment_variable():
+    import subprocess
+    import sys
+
+    code = "from rnnmath import fused; print(fused.one_thread_max_product, fused.one_thread_max_elements)"
+    for value, want in (("0", "0 0"), ("1", f"{1 << 18} {1 << 12}")):
+        env = {**__import__("os").environ, "RNNMATH_ONE_THREAD": value}
+        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert got.stdout.split() == want.split()
+
+
 def test_only_tqdms_monitor_does_not_count_as_another_thread():
     """tqdm's monitor thread (inductor's compile progress leaves one) does not stop the loop's one thread."""
     import io
