@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from . import cells, compiled, layers
+from . import cells, compiled, fused, layers
 from .cells import Cell, LSTMState
 from .common import cpu_model
 
@@ -435,7 +435,10 @@ def machine(device: str) -> dict:
     cpu = cpu_model()
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
-            "gpu": gpu, "python": platform.python_version(), "load_average": os.getloadavg()[0]}
+            "gpu": gpu, "python": platform.python_version(), "load_average": os.getloadavg()[0],
+            # small steps' loops on one thread (docs/cells.md item 7): its bounds, or 0 when off
+            "one_thread_max_product": fused.one_thread_max_product,
+            "one_thread_max_elements": fused.one_thread_max_elements}
 
 
 # -- output ----------------------------------------------------------------------------------------------------
@@ -451,7 +454,9 @@ def report(result: dict) -> str:
     m = result["machine"]
     parts = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, device {m['device']}"
              + (f" ({m['gpu']})" if m["gpu"] else "") + f"; matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s; "
-             f"load average {m['load_average']:.1f} at the start"]
+             f"load average {m['load_average']:.1f} at the start; small steps on one thread: "
+             + ("off" if not (m["one_thread_max_product"] and m["one_thread_max_elements"]) else
+                f"B·G·H ≤ {m['one_thread_max_product']}, B·G ≤ {m['one_thread_max_elements']}")]
     parts.append("\n### Worst ratio per cell over the grid (rnnmath / its torch.nn reference)\n")
     parts.append(markdown_table([{**w, "met": "met" if w["met"] else "MISSED"} for w in result["worst"]], [
         ("cell", "cell", ""), ("mode", "mode", ""), ("threads", "threads", "d"), ("reference", "reference", ""),

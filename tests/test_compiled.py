@@ -444,6 +444,7 @@ def test_bench_covers_every_cell_and_thread_count(monkeypatch):
     lstm = next(r for r in result["rows"] if r["cell"] == "layernorm_lstm")
     assert lstm["reference"] == "torch.nn.LSTM" and lstm["rnnmath ms"] > 0 and lstm["readable ms"] > 0
     assert "| cifg_lstm (docs) |" in bench.report(result) and " hand | readable |" in bench.report(result)
+    assert "small steps on one thread: B·G·H ≤ 262144, B·G ≤ 4096" in bench.report(result)
     custom = {**result, "rows": [r for r in result["rows"] if r["cell"] == "cifg_lstm (docs)"]}
     assert "| cifg_lstm (docs) |" in bench.report(custom) and " hand |" not in bench.report(custom)
 
