@@ -44,8 +44,8 @@ hand-written derivative:
    call: the chunk's graph looped by torch's ``scan`` operator (``torch._higher_order_ops.scan``), which
    inductor compiles into a loop inside the C++ wrapper, forward and (over the chunks reversed) backward; its
    inputs and outputs are those of one chunk of as many steps, so the loop above does not change.
-7. **One thread for small steps.** The loop runs on the calling thread alone where a step is small
-   (:func:`rnnmath.fused.one_thread_if_small`): more threads only split its tiny operations, at a cost.
+7. **One thread for small steps.** The loop runs with one thread where a step is small and no other Python thread
+   is alive (:func:`rnnmath.fused.one_thread_if_small`): more threads only split its tiny operations, at a cost.
 
 Lengths (``mask`` (T, B, 1)) are part of the traced update: past a sequence's length the state is carried
 unchanged, exactly as in ``scan``. The values equal the readable loop's within floating-point tolerance
