@@ -313,8 +313,10 @@ class Recurrent(nn.Module):
             # the layer runs in one precision, the one torch.nn's layer of this kind gives (Cell.autocast_dtype)
             autocast_dtype = torch.get_autocast_dtype(x.device.type)
             state_dtype = _state_dtype(hx, weight.dtype if ids else x.dtype)
+            # an empty input, like a packed one, reaches torch.nn's promoting kernels (ATen's use_mkldnn asks
+            # input.numel() != 0): an empty batch of an LSTM gives float32 where a full one gives bfloat16
             compute_dtype = self._cells[0].autocast_dtype(autocast_dtype, weight.dtype if ids else x.dtype,
-                                                          state_dtype, in_layer=True, packed=packed)
+                                                          state_dtype, in_layer=True, packed=packed or x.numel() == 0)
             x = x if ids else x.to(compute_dtype)
             states = [type(s)(*(v.to(compute_dtype) for v in s)) for s in states]
             with torch.autocast(x.device.type, enabled=False):

@@ -831,6 +831,23 @@ def test_autocast_dtypes_of_every_input_dtype_match_torch(name, ac, xd, form):
         torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU", "LSTMproj"])
+@pytest.mark.parametrize("ac", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_autocast_dtypes_of_an_empty_batch_match_torch(name, ac):
+    """An empty batch under autocast: torch.nn.LSTM's empty input skips oneDNN (ATen's use_mkldnn asks for
+    input.numel() != 0) and promotes, float32 where a full batch gives the autocast dtype."""
+    ref, ours = _build_twins(name)
+    x = torch.randn(5, 0, 6)
+    with torch.autocast("cpu", dtype=ac):
+        try:
+            want = ref(x)
+        except RuntimeError:
+            pytest.skip("torch.nn raises here (docs/compatibility.md, Precision)")
+        got = ours(x)
+    assert [t.dtype for t in tensors_of(got)] == [t.dtype for t in tensors_of(want)]
+    assert [t.shape for t in tensors_of(got)] == [t.shape for t in tensors_of(want)]
+
+
 @pytest.mark.parametrize("ac", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("xd", [torch.float32, torch.bfloat16, torch.float16], ids=["xfloat32", "xbfloat16",
                                                                                    "xfloat16"])
