@@ -87,7 +87,7 @@ def one_thread_if_small(batch: int, gates: int, hidden: int) -> Iterator[None]:
 
 
 def _alone() -> bool:
-    """Whether no other Python thread runs but tqdm's monitor, which only refreshes progress bars (inductor's
+    """Whether no other Python thread is alive but tqdm's monitor, which only refreshes progress bars (inductor's
     first compile in a process starts one, and it stays)."""
     if threading.active_count() == 1:
         return True
