@@ -75,8 +75,9 @@ def one_thread_if_small(batch: int, gates: int, hidden: int) -> Iterator[None]:
     1 thread and a count set elsewhere would be overwritten. Those processes keep torch's threads here.
     """
     threads = torch.get_num_threads()
-    if (threads == 1 or batch * gates * hidden > one_thread_max_product or batch * gates > one_thread_max_elements
-            or not _alone()):
+    off = not (one_thread_max_product and one_thread_max_elements)  # either at 0, for cells without a product too
+    if (off or threads == 1 or batch * gates * hidden > one_thread_max_product
+            or batch * gates > one_thread_max_elements or not _alone()):
         yield
         return
     try:  # set inside the try: an interrupt (Ctrl-C) between setting and the try would leave 1 thread for good

@@ -123,17 +123,21 @@ def test_small_loops_run_on_one_thread_and_restore_the_count(monkeypatch):
         with pytest.raises(KeyboardInterrupt), fused.one_thread_if_small(1, 256, 64):
             raise KeyboardInterrupt
         assert torch.get_num_threads() == 2
+        monkeypatch.setattr(fused, "one_thread_max_product", 0)  # off, also for a cell without a product
+        with fused.one_thread_if_small(1, 64, 0):
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
 
 def test_the_one_thread_rule_is_off_with_its_environment_variable():
+    import os
     import subprocess
     import sys
 
     code = "from rnnmath import fused; print(fused.one_thread_max_product, fused.one_thread_max_elements)"
     for value, want in (("0", "0 0"), ("1", f"{1 << 18} {1 << 12}")):
-        env = {**__import__("os").environ, "RNNMATH_ONE_THREAD": value}
+        env = {**os.environ, "RNNMATH_ONE_THREAD": value}
         got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert got.stdout.split() == want.split()
 
